@@ -1,0 +1,90 @@
+"""Metrics for generated images, measured with the shipped Fashion-MNIST classifier.
+
+- Class accuracy: the fraction of samples for a prompt that the classifier assigns to its class.
+- FID (Heusel et al., 2017) in the classifier's feature space:
+      FID = |mu_g - mu_r|^2 + Tr(S_g + S_r - 2 (S_g^1/2 S_r S_g^1/2)^1/2)
+  between generated features (mu_g, S_g) and the test set's (mu_r, S_r).
+- The reals baseline: the same FID for n real training images, the floor a perfect generator
+  reaches with n samples (FID is biased upwards for small n, so always compare at equal n).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..data.fashion_mnist import load_fashion_mnist, to_model_images
+from .classifier import FashionClassifier, load_classifier
+
+
+@torch.no_grad()
+def features(classifier: FashionClassifier, images: torch.Tensor, batch_size: int = 500):
+    """Penultimate features [N, D] (float64) and logits [N, classes] of images in [-1, 1]."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    feats, logits = [], []
+    for chunk in images.split(batch_size):
+        f = classifier.features(chunk.to(device, torch.float32))
+        feats.append(f.double().cpu())
+        logits.append(classifier.head(f).cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+def class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels) -> float:
+    """Fraction of images the classifier puts in the class they were generated for."""
+    _, logits = features(classifier, images)
+    return (logits.argmax(1) == torch.as_tensor(labels)).double().mean().item()
+
+
+def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return feats.mean(0), torch.cov(feats.T)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """Fréchet distance between N(mu1, cov1) and N(mu2, cov2), in float64.
+
+    Tr((S1^1/2 S2 S1^1/2)^1/2) is computed from the eigenvalues of the symmetric PSD matrix
+    S1^1/2 S2 S1^1/2, which equal those of S1 S2 (so the trace is the usual Tr((S1 S2)^1/2)).
+    """
+    def sqrtm_psd(m):
+        vals, vecs = torch.linalg.eigh(m)
+        return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+    s1 = sqrtm_psd(cov1.double())
+    inner = torch.linalg.eigvalsh(s1 @ cov2.double() @ s1).clamp(min=0).sqrt().sum()
+    diff = (mu1 - mu2).double()
+    return float(diff @ diff + cov1.trace() + cov2.trace() - 2 * inner)
+
+
+@lru_cache(maxsize=2)
+def _test_stats(classifier: FashionClassifier):
+    images, _ = load_fashion_mnist("test")
+    feats, _ = features(classifier, to_model_images(images))
+    return gaussian_stats(feats)
+
+
+def fid(classifier: FashionClassifier, images: torch.Tensor) -> float:
+    """FID in the classifier's feature space between `images` ([-1, 1]) and the test set."""
+    if len(images) < 2:
+        raise ValueError("FID needs at least 2 images.")
+    return frechet_distance(*gaussian_stats(features(classifier, images)[0]), *_test_stats(classifier))
+
+
+def reals_baseline(classifier: FashionClassifier, n: int, seed: int = 0) -> float:
+    """FID of n random real training images against the test set (the best an n-sample run gets)."""
+    images, _ = load_fashion_mnist("train")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return fid(classifier, to_model_images(images[idx.numpy()]))
+
+
+def evaluate_images(images: torch.Tensor, labels, classifier: FashionClassifier | None = None,
+                    seed: int = 0) -> dict:
+    """Class accuracy, FID vs the test set and the reals baseline at the same n, in one dict."""
+    classifier = classifier or load_classifier()
+    return {
+        "n": len(images),
+        "class_accuracy": class_accuracy(classifier, images, labels),
+        "fid": fid(classifier, images),
+        "fid_reals_baseline": reals_baseline(classifier, len(images), seed),
+    }

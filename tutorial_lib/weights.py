@@ -1,0 +1,104 @@
+"""Weights as safetensors, with the model's config stored beside them in the file's metadata.
+
+Loading checks the config first: weights from another config are refused with both configs
+named, never half-loaded. Writes are atomic (temporary file, then rename), so a crash mid-write
+leaves the previous file intact. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .paths import ASSETS_DIR
+
+
+class WeightsError(RuntimeError):
+    """Weights that do not fit the model asked for, or a file that is not safetensors."""
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call `write(tmp_path)` then rename onto `path`, so readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, kind: str, extra: dict | None = None):
+    """Save `model.state_dict()` with `model.config` (a dataclass) and `extra` in the metadata."""
+    meta = {"kind": kind, "config": json.dumps(dataclasses.asdict(model.config), sort_keys=True)}
+    meta["extra"] = json.dumps(extra or {}, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_weights(path: str | Path, kind: str) -> tuple[dict, dict, dict]:
+    """(state_dict, config dict, extra dict) from a file written by `save_weights`."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc}).") from exc
+    if meta.get("kind") != kind:
+        raise WeightsError(f"{path}: holds weights of kind {meta.get('kind')!r}, not {kind!r}.")
+    return state, json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
+
+
+def load_into(model: torch.nn.Module, path: str | Path, kind: str) -> dict:
+    """Load weights into an existing model after checking that the configs agree; return extra."""
+    state, config, extra = read_weights(path, kind)
+    ours = json.loads(json.dumps(dataclasses.asdict(model.config)))  # tuples -> lists, as saved
+    if config != ours:
+        diff = {k: (config.get(k), ours.get(k)) for k in set(config) | set(ours)
+                if config.get(k) != ours.get(k)}
+        raise WeightsError(f"{path}: saved for another config; (saved, this model) differ in {diff}.")
+    model.load_state_dict(state)
+    return extra
+
+
+def load_model(cls, config_cls, path: str | Path, kind: str):
+    """Build `cls(config_cls(**saved config))` and load its weights: (model, extra)."""
+    state, config, extra = read_weights(path, kind)
+    model = cls(config_cls(**config))
+    model.load_state_dict(state)
+    return model, extra
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A short SHA-256 of the config and every parameter's bytes: the key of derived caches."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def asset(name: str) -> Path:
+    """Path of a weights file shipped with the package, with a clear error if it is missing."""
+    path = ASSETS_DIR / name
+    if not path.is_file():
+        raise WeightsError(f"Shipped weights {path} are missing; reinstall tutorial_lib or "
+                           "retrain them with the command in README.md ('Shipped weights').")
+    return path
