@@ -1,12 +1,12 @@
 """Command line: `python -m tutorial_lib COMMAND --help`.
 
-  train-classifier   train the yardstick classifier          -> tutorial_lib/assets/classifier.safetensors
-  train-vae          train the KL autoencoder                -> tutorial_lib/assets/vae.safetensors
+  train-classifier   train the yardstick classifier       -> tutorial_lib/assets/classifier.safetensors
+  train-vae          train the KL autoencoder             -> tutorial_lib/assets/vae.safetensors
   encode-latents     encode Fashion-MNIST once into the latent cache under data/
-  train              train the notebook-01 denoiser on cached latents
-  sample             write a sample grid (one row per class prompt) from a denoiser
-  evaluate           class accuracy and feature-space FID of a denoiser's samples
-  demo               train briefly, sample, evaluate: the README's first command
+  train              train notebook 01's text-to-image denoiser on the cached latents
+  sample             write a sample grid, one row per class prompt
+  evaluate           class accuracy and feature-space FID of a model's samples
+  demo               train briefly, write a sample grid, evaluate (the README's first command)
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ def _cmd_train_classifier(a):
 
 def _cmd_train_vae(a):
     from .train.vae import train_vae
-    from .weights import save_weights
-
     from .vae.autoencoder import VAEConfig
+    from .weights import save_weights
 
     config = VAEConfig(channels=tuple(int(c) for c in a.channels.split(",")))
     vae, test_psnr = train_vae(steps=a.steps, batch_size=a.batch_size, kl_weight=a.kl_weight,
@@ -42,11 +41,117 @@ def _cmd_train_vae(a):
                       "shift_factor": vae.config.shift_factor, "weights": str(a.out)}))
 
 
-def _add_device(p):
+def _cmd_encode_latents(a):
+    from .data.latents import latent_cache
+
+    print(latent_cache())
+
+
+def _train(a):
+    from .data.latents import latent_cache
+    from .models.tiny_transformer import preset
+    from .text.word_encoder import WordEncoderConfig
+    from .train.denoiser import DenoiserTrainConfig, train_denoiser
+
+    model = preset(a.preset)
+    cfg = DenoiserTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                              model=model, text=WordEncoderConfig(dim=model.text_dim))
+    start = time.perf_counter()
+    pipe, history = train_denoiser(latent_cache(), cfg, device=a.device)
+    seconds = time.perf_counter() - start
+    command = (f"python -m tutorial_lib train --preset {a.preset} --steps {a.steps} "
+               f"--batch-size {a.batch_size} --lr {a.lr} --seed {a.seed}")
+    pipe.save(a.out, {"command": command, "train_seconds": seconds, "final_loss": history["loss"][-1]})
+    print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
+                      "final_loss": round(history["loss"][-1], 4)}))
+    return pipe
+
+
+def _load_pipe(a):
+    from .pipeline import TextToImagePipeline
+
+    return TextToImagePipeline.load(a.model).to(a.device)
+
+
+def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: float, seed: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .data.captions import CLASS_PROMPTS
+    from .viz import show_grid
+
+    prompts = [p for p in CLASS_PROMPTS for _ in range(per_class)]
+    images = pipe.generate(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    show_grid(images, per_class, row_labels=list(CLASS_PROMPTS), path=path)
+    return path
+
+
+def _evaluate(pipe, a) -> dict:
+    from .eval.metrics import evaluate_pipeline
+
+    results = {}
+    for kind in a.prompts.split(","):
+        r, _ = evaluate_pipeline(pipe, kind, per_prompt=a.per_prompt, num_inference_steps=a.inference_steps,
+                                 guidance_scale=a.guidance_scale, seed=a.seed)
+        results[kind] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+    return results
+
+
+def _cmd_train(a):
+    _train(a)
+
+
+def _cmd_sample(a):
+    path = _sample_grid(_load_pipe(a), a.out, a.per_class, a.inference_steps, a.guidance_scale, a.seed)
+    print(f"sample grid: {path}")
+
+
+def _cmd_evaluate(a):
+    print(json.dumps(_evaluate(_load_pipe(a), a), indent=1))
+
+
+def _cmd_demo(a):
+    from .budget import current, pick
+
+    budget = current()
+    a.steps = a.steps or pick(smoke=20, default=1500, full=20_000)
+    a.per_prompt = a.per_prompt or pick(smoke=10, default=100, full=100)
+    a.out.mkdir(parents=True, exist_ok=True)
+    print(f"demo, budget {budget!r}: training the notebook-01 model for {a.steps} steps on {a.device}")
+    a_out, a.out = a.out, a.out / "model"
+    pipe = _train(a)
+    a.out = a_out
+    grid = _sample_grid(pipe, a.out / "samples.png", 8, a.inference_steps, a.guidance_scale, a.seed)
+    metrics = _evaluate(pipe, a)
+    (a.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+    print(f"sample grid (one row per class prompt): {grid.resolve()}")
+    print(f"metrics: {(a.out / 'metrics.json').resolve()}")
+
+
+def _add_common(p):
     from .budget import device
 
     p.add_argument("--device", default=device(), help="cpu or cuda (default: cuda if present)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_train(p, steps):
+    p.add_argument("--preset", default="cpu", help="denoiser size: cpu or base")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+
+
+def _add_sampling(p):
+    p.add_argument("--inference-steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+
+
+def _add_eval(p, per_prompt):
+    p.add_argument("--prompts", default="class,held_out", help="prompt sets: class, held_out")
+    p.add_argument("--per-prompt", type=int, default=per_prompt, help="samples per prompt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,20 +160,52 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-classifier", help="train the yardstick classifier")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=ASSETS_DIR / "classifier.safetensors")
-    _add_device(p)
+    _add_common(p)
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("train-vae", help="train the KL autoencoder")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=15_000)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--kl-weight", type=float, default=1e-3)
     p.add_argument("--channels", default="16,32,64", help="width per level, comma-separated")
     p.add_argument("--out", type=Path, default=ASSETS_DIR / "vae.safetensors")
-    _add_device(p)
+    _add_common(p)
     p.set_defaults(func=_cmd_train_vae)
+
+    p = sub.add_parser("encode-latents", help="build the latent cache for the shipped VAE")
+    p.set_defaults(func=_cmd_encode_latents)
+
+    p = sub.add_parser("train", help="train notebook 01's text-to-image denoiser")
+    _add_train(p, steps=3000)
+    p.add_argument("--out", type=Path, default=Path("outputs/model"))
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="write a sample grid, one row per class prompt")
+    p.add_argument("--model", type=Path, default=ASSETS_DIR / "tiny_t2i")
+    p.add_argument("--out", type=Path, default=Path("outputs/samples.png"))
+    p.add_argument("--per-class", type=int, default=8)
+    _add_sampling(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="class accuracy and FID of a model's samples")
+    p.add_argument("--model", type=Path, default=ASSETS_DIR / "tiny_t2i")
+    _add_eval(p, per_prompt=100)
+    _add_sampling(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train briefly, sample, evaluate (sized by TUTORIAL_BUDGET)")
+    _add_train(p, steps=None)
+    _add_eval(p, per_prompt=None)
+    _add_sampling(p)
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    _add_common(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -88,3 +88,24 @@ def evaluate_images(images: torch.Tensor, labels, classifier: FashionClassifier 
         "fid": fid(classifier, images),
         "fid_reals_baseline": reals_baseline(classifier, len(images), seed),
     }
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_inference_steps: int = 25,
+                      guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 250,
+                      classifier: FashionClassifier | None = None) -> dict:
+    """Sample `per_prompt` images for every prompt of a prompt set ('class' or 'held_out') and
+    measure them; returns the metrics and the images (seeded: the same call gives the same dict)."""
+    from ..data.captions import prompt_set
+
+    texts, labels = prompt_set(prompts)
+    all_prompts = [p for p in texts for _ in range(per_prompt)]
+    all_labels = [y for y in labels for _ in range(per_prompt)]
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat([pipe.generate(all_prompts[i:i + batch_size], generator=gen,
+                                      num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale)
+                        for i in range(0, len(all_prompts), batch_size)])
+    result = evaluate_images(images, all_labels, classifier, seed)
+    result.update(prompts=prompts, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+    return result, images

@@ -1,0 +1,93 @@
+"""A small word-level text encoder, trained jointly with the denoiser.
+
+Every text encoder in the course returns a `TextEmbedding`: token embeddings [B, L, D] and a
+boolean mask [B, L] (True = a real token). Here a prompt is lower-cased, split into words, and
+prefixed with a begin token, so even the empty prompt "" has one token: the null condition that
+classifier-free guidance trains on and samples with (Ho & Salimans, 2022).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..data.captions import all_training_captions
+
+BOS, PAD, UNK = "<bos>", "<pad>", "<unk>"
+
+
+class TextEmbedding(NamedTuple):
+    tokens: torch.Tensor  # [B, L, D]
+    mask: torch.Tensor  # [B, L] bool, True where a token is real
+
+
+def check_prompts(prompt) -> list[str]:
+    """A prompt or a non-empty list of prompts, as a list; anything else is a clear error."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"A prompt is a str or a list of str, got {prompt!r:.80}.")
+    if len(prompts) == 0:
+        raise ValueError("The list of prompts is empty.")
+    return list(prompts)
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def default_vocab() -> tuple[str, ...]:
+    """Special tokens, then every word of the training captions, sorted (held-out words excluded)."""
+    return (PAD, BOS, UNK) + tuple(sorted({w for c in all_training_captions() for w in words(c)}))
+
+
+@dataclass
+class WordEncoderConfig:
+    vocab: tuple[str, ...] = ()
+    dim: int = 128
+    depth: int = 1
+    heads: int = 4
+    max_len: int = 16
+
+    def __post_init__(self):
+        self.vocab = tuple(self.vocab) or default_vocab()
+
+
+class WordEncoder(nn.Module):
+    """Word embeddings + learned positions + `depth` pre-norm transformer layers."""
+
+    def __init__(self, config: WordEncoderConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or WordEncoderConfig()
+        self.index = {w: i for i, w in enumerate(cfg.vocab)}
+        self.embed = nn.Embedding(len(cfg.vocab), cfg.dim)
+        self.pos = nn.Parameter(torch.randn(cfg.max_len, cfg.dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, 4 * cfg.dim, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def tokenize(self, prompt) -> torch.Tensor:
+        """Prompt(s) -> token ids [B, max_len]: <bos>, the words (unknown ones as <unk>), <pad>s."""
+        rows = []
+        for p in check_prompts(prompt):
+            ids = [self.index[BOS]] + [self.index.get(w, self.index[UNK]) for w in words(p)]
+            ids = ids[: self.config.max_len]
+            rows.append(ids + [self.index[PAD]] * (self.config.max_len - len(ids)))
+        return torch.tensor(rows)
+
+    def unknown_words(self, prompt) -> list[str]:
+        return [w for p in check_prompts(prompt) for w in words(p) if w not in self.index]
+
+    def forward(self, ids: torch.Tensor) -> TextEmbedding:
+        """Token ids [B, L] -> TextEmbedding(tokens [B, L, dim], mask [B, L])."""
+        mask = ids != self.index[PAD]
+        h = self.embed(ids) + self.pos[: ids.shape[1]]
+        h = self.layers(h, src_key_padding_mask=~mask)
+        return TextEmbedding(self.norm(h), mask)
+
+    def encode(self, prompt) -> TextEmbedding:
+        return self(self.tokenize(prompt).to(self.pos.device))
