@@ -115,8 +115,8 @@ def _cmd_demo(a):
     from .budget import current, pick
 
     budget = current()
-    a.steps = a.steps or pick(smoke=20, default=1500, full=20_000)
-    a.per_prompt = a.per_prompt or pick(smoke=10, default=100, full=100)
+    a.steps = a.steps or pick(smoke=20, default=600, full=6000)
+    a.per_prompt = a.per_prompt or pick(smoke=10, default=50, full=100)
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"demo, budget {budget!r}: training the notebook-01 model for {a.steps} steps on {a.device}")
     a_out, a.out = a.out, a.out / "model"
@@ -141,7 +141,7 @@ def _add_train(p, steps):
     p.add_argument("--preset", default="cpu", help="denoiser size: cpu or base")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
 
 
 def _add_sampling(p):

@@ -96,9 +96,9 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def asset(name: str) -> Path:
-    """Path of a weights file shipped with the package, with a clear error if it is missing."""
+    """Path of a weights file (or folder) shipped with the package, with a clear error if it is missing."""
     path = ASSETS_DIR / name
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"Shipped weights {path} are missing; reinstall tutorial_lib or "
                            "retrain them with the command in README.md ('Shipped weights').")
     return path

@@ -29,7 +29,7 @@ from .common import EMA, infinite_batches, seed_everything, warmup_cosine
 class DenoiserTrainConfig:
     steps: int = 3000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100
     cond_drop: float = 0.1
     t_beta: tuple[float, float] = (1.0, 2.5)

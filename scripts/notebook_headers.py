@@ -1,0 +1,85 @@
+"""Keep every notebook's first two cells (Colab badge, install cell) in sync with pyproject.toml.
+
+The repository URL lives in one place, `[project.urls] Repository` in pyproject.toml; the badge and
+the Colab install cell are generated from it. `python scripts/notebook_headers.py` rewrites the
+headers; `--check` only reports notebooks whose headers are missing or stale (exit code 1).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+KEY = "tutorial_header"  # cell metadata marking a generated cell
+
+
+def repo_url() -> str:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return json.loads(json.dumps(tomllib.load(f)))["project"]["urls"]["Repository"].rstrip("/")
+
+
+def header_cells(notebook: str) -> list[dict]:
+    url = repo_url()
+    owner_repo = url.removeprefix("https://github.com/")
+    colab = f"https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{notebook}"
+    badge = f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab})"
+    install = (
+        "# On Colab, install tutorial_lib and Fashion-MNIST; a local checkout (README) has both.\n"
+        "import sys\n"
+        "\n"
+        'if "google.colab" in sys.modules:\n'
+        f'    %pip install -q "tutorial_lib[hf] @ git+{url}"\n'
+        "    !apt-get -qq install -y dataset-fashion-mnist > /dev/null"
+    )
+    return [
+        {"cell_type": "markdown", "metadata": {KEY: "badge"}, "source": badge},
+        {"cell_type": "code", "metadata": {KEY: "install"}, "source": install,
+         "execution_count": None, "outputs": []},
+    ]
+
+
+def _split(source) -> str:
+    return "".join(source) if isinstance(source, list) else source
+
+
+def is_current(nb: dict, name: str) -> bool:
+    want = header_cells(name)
+    have = nb["cells"][:2]
+    return len(have) == 2 and all(
+        h.get("metadata", {}).get(KEY) == w["metadata"][KEY] and _split(h["source"]) == w["source"]
+        for h, w in zip(have, want))
+
+
+def sync(path: Path) -> bool:
+    """Rewrite the header of one notebook; True if it changed."""
+    nb = json.loads(path.read_text())
+    if is_current(nb, path.name):
+        return False
+    body = [c for c in nb["cells"] if KEY not in c.get("metadata", {})]
+    head = header_cells(path.name)
+    for cell in head:
+        cell["source"] = cell["source"].splitlines(keepends=True)
+    nb["cells"] = head + body
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return True
+
+
+def main(argv: list[str]) -> int:
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if "--check" in argv:
+        stale = [p.name for p in paths if not is_current(json.loads(p.read_text()), p.name)]
+        for name in stale:
+            print(f"{name}: Colab header missing or stale; run python scripts/notebook_headers.py")
+        return 1 if stale else 0
+    for p in paths:
+        if sync(p):
+            print(f"updated {p.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
