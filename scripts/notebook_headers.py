@@ -36,8 +36,8 @@ def header_cells(notebook: str) -> list[dict]:
         "    !apt-get -qq install -y dataset-fashion-mnist > /dev/null"
     )
     return [
-        {"cell_type": "markdown", "metadata": {KEY: "badge"}, "source": badge},
-        {"cell_type": "code", "metadata": {KEY: "install"}, "source": install,
+        {"cell_type": "markdown", "id": "colab-badge", "metadata": {KEY: "badge"}, "source": badge},
+        {"cell_type": "code", "id": "colab-install", "metadata": {KEY: "install"}, "source": install,
          "execution_count": None, "outputs": []},
     ]
 
@@ -50,7 +50,8 @@ def is_current(nb: dict, name: str) -> bool:
     want = header_cells(name)
     have = nb["cells"][:2]
     return len(have) == 2 and all(
-        h.get("metadata", {}).get(KEY) == w["metadata"][KEY] and _split(h["source"]) == w["source"]
+        h.get("metadata", {}).get(KEY) == w["metadata"][KEY] and h.get("id") == w["id"]
+        and _split(h["source"]) == w["source"]
         for h, w in zip(have, want))
 
 

@@ -21,7 +21,10 @@ def current() -> str:
 
 def pick(smoke, default, full, budget: str | None = None):
     """The value for the current budget, e.g. `steps = pick(smoke=20, default=3000, full=50_000)`."""
-    return {"smoke": smoke, "default": default, "full": full}[budget or current()]
+    budget = budget or current()
+    if budget not in BUDGETS:
+        raise ValueError(f"Unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}.")
+    return {"smoke": smoke, "default": default, "full": full}[budget]
 
 
 def device() -> str:

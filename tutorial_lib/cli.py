@@ -77,13 +77,15 @@ def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: f
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from .data.captions import CLASS_PROMPTS
     from .viz import show_grid
 
     prompts = [p for p in CLASS_PROMPTS for _ in range(per_class)]
     images = pipe.generate(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    show_grid(images, per_class, row_labels=list(CLASS_PROMPTS), path=path)
+    plt.close(show_grid(images, per_class, row_labels=list(CLASS_PROMPTS), path=path))
     return path
 
 

@@ -2,7 +2,7 @@
 
 Sources, tried in order:
   1. an explicit `root=` argument, or the environment variable `FASHION_MNIST_DIR`;
-  2. `data/fashion-mnist/` (see `tutorial_lib.paths.data_root`);
+  2. `data/fashion-mnist/` or torchvision's layout `data/FashionMNIST/raw/` (see `paths.data_root`);
   3. `/usr/share/datasets/fashion-mnist/` (Debian/Ubuntu package `dataset-fashion-mnist`);
   4. torchvision's download into `data/` (needs the internet).
 
@@ -91,16 +91,13 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 def _candidates(root: str | Path | None) -> list[Path]:
     if root is not None:
         return [Path(root).expanduser()]  # an explicit choice is never silently replaced
-    found = []
-    if os.environ.get("FASHION_MNIST_DIR"):
-        found.append(Path(os.environ["FASHION_MNIST_DIR"]).expanduser())
     local = data_root()
-    found += [local / "fashion-mnist", local / "FashionMNIST" / "raw", DEBIAN_DIR]
-    return found
+    return [local / "fashion-mnist", local / "FashionMNIST" / "raw", DEBIAN_DIR]
 
 
 def find_data_dir(root: str | Path | None = None, download: bool = True) -> Path:
     """The first folder holding all four Fashion-MNIST files, downloading as a last resort."""
+    root = root if root is not None else os.environ.get("FASHION_MNIST_DIR") or None
     candidates = _candidates(root)
     for folder in candidates:
         if all(_find_file(folder, stem) for pair in _FILES.values() for stem in pair):
@@ -140,7 +137,7 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None):
     if split not in _FILES:
         raise ValueError(f"Unknown split {split!r}; choose 'train' or 'test'.")
     images, labels = _load(find_data_dir(root), split)
-    return images, labels.astype(np.int64)
+    return images.copy(), labels.astype(np.int64)  # copies: callers may not corrupt the cache
 
 
 def to_model_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:

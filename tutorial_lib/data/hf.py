@@ -3,8 +3,8 @@ large text-to-image sets (LAION, CC12M, ...) are streamed in; the records are th
 
 Columns: `image` (a `datasets.Image`: the original 28x28 grayscale picture, not the 32x32 padded
 model input; `fashion_mnist.to_model_images` does that step), `label` (a `ClassLabel` named by
-`fashion_mnist.CLASSES`) and `caption` (`captions.caption_for(label, seed=(seed, index))`, so the
-same seed gives the same captions). `datasets` is optional: `pip install "tutorial_lib[hf]"`.
+`fashion_mnist.CLASSES`) and `caption` (`captions.caption_for(label, seed=(seed, 0, index))`: the
+captions `FashionMNIST(captions=True)` gives in its first epoch, the same for the same seed). `datasets` is optional: `pip install "tutorial_lib[hf]"`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ INSTALL_HINT = 'pip install "tutorial_lib[hf]"'
 def to_hf_dataset(split: str = "train", limit: int | None = None, seed: int = 0):
     """The first `limit` records (all if None) of a split as a `datasets.Dataset` held in memory.
 
-    Record i is (image i, label i, caption_for(label i, seed=(seed, i))), with i the index in the
+    Record i is (image i, label i, caption_for(label i, seed=(seed, 0, i))), with i the index in the
     split, so a smaller `limit` gives a prefix of the same records.
     """
     try:
@@ -38,12 +38,12 @@ def to_hf_dataset(split: str = "train", limit: int | None = None, seed: int = 0)
     columns = {
         "image": list(images),  # uint8 [28, 28] arrays, stored as grayscale PNG (mode "L")
         "label": labels,
-        "caption": [caption_for(y, seed=(seed, i)) for i, y in enumerate(labels)],
+        "caption": [caption_for(y, seed=(seed, 0, i)) for i, y in enumerate(labels)],
     }
     info = datasets.DatasetInfo(
         description="Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017) with captions from "
                     f"tutorial_lib.data.captions (seed={seed}).",
         homepage="https://github.com/zalandoresearch/fashion-mnist",
+        features=features,
     )
-    return datasets.Dataset.from_dict(columns, features=features, info=info,
-                                      split=datasets.Split(split))
+    return datasets.Dataset.from_dict(columns, info=info, split=datasets.Split(split))

@@ -8,6 +8,7 @@ space in which FID is measured, as in the fastai course (course22p2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,10 @@ class FashionClassifier(nn.Module):
         return self.head(self.features(x))  # [B, num_classes] logits
 
 
+@lru_cache(maxsize=4)
 def load_classifier(path=None) -> FashionClassifier:
-    """The shipped classifier (or the one at `path`), in eval mode."""
+    """The shipped classifier (or the one at `path`), in eval mode; loaded once per process, so
+    that statistics cached per classifier (the test set's features) are computed once too."""
     from ..weights import asset, load_model
 
     model, _ = load_model(FashionClassifier, ClassifierConfig,

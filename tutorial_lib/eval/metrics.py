@@ -93,7 +93,7 @@ def evaluate_images(images: torch.Tensor, labels, classifier: FashionClassifier 
 @torch.no_grad()
 def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_inference_steps: int = 25,
                       guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 250,
-                      classifier: FashionClassifier | None = None) -> dict:
+                      classifier: FashionClassifier | None = None) -> tuple[dict, torch.Tensor]:
     """Sample `per_prompt` images for every prompt of a prompt set ('class' or 'held_out') and
     measure them; returns the metrics and the images (seeded: the same call gives the same dict)."""
     from ..data.captions import prompt_set
