@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def read_idx(path: str | Path, expected_ndim: int) -> np.ndarray:
     try:
         with _open(path) as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise DataError(f"{path}: cannot be read ({exc}). Delete it and fetch it again.") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_ndim:
         raise DataError(

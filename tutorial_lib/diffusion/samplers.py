@@ -20,7 +20,7 @@ def sample_ddim(denoiser, noise: torch.Tensor, ts: torch.Tensor, cond=None, call
     """DDIM (Song, Meng & Ermon, 2021) for an x0-predicting denoiser; eta = 1 is ancestral DDPM.
 
     From x_t: x0_hat = D(x_t, t), eps_hat = (x_t - alpha_t x0_hat) / sigma_t, and with
-        c = eta * sqrt(sigma_s^2 / sigma_t^2 * (1 - alpha_t^2 sigma_s^2 / (alpha_s^2 sigma_t^2)))
+        c = eta * sqrt(sigma_s^2 / sigma_t^2 * (1 - alpha_t^2 / alpha_s^2))
     the step to s < t is x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z, z ~ N(0, I).
     """
     x = noise
@@ -35,7 +35,7 @@ def sample_ddim(denoiser, noise: torch.Tensor, ts: torch.Tensor, cond=None, call
             x = x0_hat
             break
         eps_hat = (x - alpha_t * x0_hat) / sigma_t
-        c = eta * (sigma_s**2 / sigma_t**2 * (1 - (alpha_t * sigma_s) ** 2 / (alpha_s * sigma_t) ** 2)).clamp(min=0).sqrt()
+        c = eta * (sigma_s**2 / sigma_t**2 * (1 - alpha_t**2 / alpha_s**2)).clamp(min=0).sqrt()
         x = alpha_s * x0_hat + (sigma_s**2 - c**2).clamp(min=0).sqrt() * eps_hat
         if eta > 0:
             x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -1,0 +1,118 @@
+"""The KL autoencoder: shapes, the posterior, input checks, weights round trip, shipped quality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tutorial_lib.data.fashion_mnist import to_model_images
+from tutorial_lib.train.vae import psnr, reconstruct
+from tutorial_lib.vae.autoencoder import AutoencoderKL, DiagonalGaussian, VAEConfig, load_vae
+from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
+
+
+def test_tiny_vae_shapes(tiny_vae):
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    posterior = tiny_vae.encode(x)
+    assert posterior.mean.shape == posterior.logvar.shape == (2, 4, 8, 8)
+    assert tiny_vae.decode(posterior.mode()).shape == (2, 1, 16, 16)
+    x_hat, post = tiny_vae(x, generator=torch.Generator().manual_seed(0))
+    assert x_hat.shape == x.shape and post.kl().shape == (2,)
+    assert tiny_vae.encode_to_latents(x).shape == (2, 4, 8, 8)
+    assert tiny_vae.config.downsample_factor == 2
+
+
+def test_other_image_sizes_divisible_by_f(tiny_vae):
+    assert tiny_vae.encode(torch.zeros(1, 1, 32, 24)).mean.shape == (1, 4, 16, 12)
+
+
+def test_kl_of_standard_normal_posterior_is_exactly_zero():
+    moments = torch.zeros(3, 8, 4, 4)  # mean 0, logvar 0
+    kl = DiagonalGaussian(moments).kl()
+    assert kl.shape == (3,) and torch.equal(kl, torch.zeros(3))
+
+
+def test_kl_matches_closed_form():
+    mean, logvar = torch.full((1, 2, 2, 2), 0.5), torch.full((1, 2, 2, 2), -1.0)
+    kl = DiagonalGaussian(torch.cat([mean, logvar], dim=1)).kl()
+    expected = 8 * 0.5 * (0.25 + torch.exp(torch.tensor(-1.0)) - 1 + 1)
+    torch.testing.assert_close(kl, expected.reshape(1))
+
+
+def test_posterior_sample_is_seeded_and_mode_is_mean():
+    moments = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    post = DiagonalGaussian(moments)
+    a = post.sample(torch.Generator().manual_seed(1))
+    b = post.sample(torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, post.sample(torch.Generator().manual_seed(2)))
+    assert torch.equal(post.mode(), moments[:, :4])
+
+
+def test_scale_and_unscale_are_inverse(tiny_vae):
+    z = torch.randn(2, 4, 8, 8)
+    scaled = tiny_vae.scale(z)
+    torch.testing.assert_close(scaled, (z - 0.1) * 1.5)
+    torch.testing.assert_close(tiny_vae.unscale(scaled), z)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 15, 16), (2, 1, 16, 17), (2, 3, 16, 16), (1, 16, 16), (16, 16)])
+def test_wrong_image_shape_is_a_value_error(tiny_vae, shape):
+    with pytest.raises(ValueError, match="image"):
+        tiny_vae.encode(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 8, 8, 8), (4, 8, 8)])
+def test_wrong_latent_shape_is_a_value_error(tiny_vae, shape):
+    with pytest.raises(ValueError, match="latent"):
+        tiny_vae.decode(torch.zeros(shape))
+
+
+def test_save_load_round_trip_is_identical(tiny_vae, tmp_path):
+    path = save_weights(tiny_vae, tmp_path / "vae.safetensors", "vae", {"note": "tiny"})
+    loaded, extra = load_model(AutoencoderKL, VAEConfig, path, "vae")
+    assert extra == {"note": "tiny"} and loaded.config == tiny_vae.config
+    loaded.eval()
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x).mean, tiny_vae.encode(x).mean)
+        assert torch.equal(loaded.decode_latents(tiny_vae.encode_to_latents(x)),
+                           tiny_vae.decode_latents(tiny_vae.encode_to_latents(x)))
+    assert load_vae(path).config == tiny_vae.config
+
+
+def test_load_into_a_model_of_another_config_is_refused(tiny_vae, tmp_path):
+    path = save_weights(tiny_vae, tmp_path / "vae.safetensors", "vae")
+    other = AutoencoderKL(VAEConfig(channels=(8, 16), latent_channels=2))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(WeightsError, match="latent_channels"):
+        load_into(other, path, "vae")
+    # Refused before anything was loaded: the model is untouched.
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_load_into_same_config_works(tiny_vae, tiny_vae_config, tmp_path):
+    path = save_weights(tiny_vae, tmp_path / "vae.safetensors", "vae", {"a": 1})
+    torch.manual_seed(123)
+    fresh = AutoencoderKL(VAEConfig(**vars(tiny_vae_config)))
+    assert load_into(fresh, path, "vae") == {"a": 1}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), tiny_vae.state_dict().values()))
+
+
+def test_shipped_vae_reconstructs_test_images(shipped_vae, real_test):
+    x = to_model_images(real_test[0][:200])
+    x_hat = reconstruct(shipped_vae, x)
+    assert x_hat.shape == x.shape and x_hat.min() >= -1 and x_hat.max() <= 1
+    assert psnr(x, x_hat) > 26.0
+
+
+def test_psnr_reference_values():
+    x = torch.zeros(1, 1, 4, 4)
+    assert psnr(x, x + 0.2) == pytest.approx(20.0, abs=1e-4)  # error 0.1 on [0, 1] pixels
+    assert psnr(x, torch.full_like(x, 5.0)) == pytest.approx(-10 * torch.log10(torch.tensor(0.25)).item())
+
+
+def test_shipped_vae_latents_are_about_unit_variance(shipped_vae, real_test):
+    """The measured scaling/shift factors make the diffusion model's data ~ zero mean, unit std."""
+    z = shipped_vae.encode_to_latents(to_model_images(real_test[0][:300]))
+    assert z.shape == (300, 4, 8, 8)
+    assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.2
