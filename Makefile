@@ -21,3 +21,4 @@ notebooks: setup-dev
 	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
 	  TUTORIAL_BUDGET=default ../.venv/bin/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; done
+	.venv/bin/python scripts/notebook_headers.py

@@ -2,7 +2,9 @@
 
 The repository URL lives in one place, `[project.urls] Repository` in pyproject.toml; the badge and
 the Colab install cell are generated from it. `python scripts/notebook_headers.py` rewrites the
-headers; `--check` only reports notebooks whose headers are missing or stale (exit code 1).
+headers and drops saved widget state (progress bars are live-only; their text fallback stays);
+`--check` only reports notebooks whose headers are missing or stale, or that carry widget state
+(exit code 1).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _split(source) -> str:
     return "".join(source) if isinstance(source, list) else source
 
 
-def is_current(nb: dict, name: str) -> bool:
+def header_is_current(nb: dict, name: str) -> bool:
     want = header_cells(name)
     have = nb["cells"][:2]
     return len(have) == 2 and all(
@@ -55,16 +57,23 @@ def is_current(nb: dict, name: str) -> bool:
         for h, w in zip(have, want))
 
 
+def is_current(nb: dict, name: str) -> bool:
+    return "widgets" not in nb.get("metadata", {}) and header_is_current(nb, name)
+
+
 def sync(path: Path) -> bool:
-    """Rewrite the header of one notebook; True if it changed."""
+    """Rewrite the header of one notebook (keeping it, outputs included, if current) and drop
+    saved widget state; True if anything changed."""
     nb = json.loads(path.read_text())
     if is_current(nb, path.name):
         return False
-    body = [c for c in nb["cells"] if KEY not in c.get("metadata", {})]
-    head = header_cells(path.name)
-    for cell in head:
-        cell["source"] = cell["source"].splitlines(keepends=True)
-    nb["cells"] = head + body
+    nb.get("metadata", {}).pop("widgets", None)
+    if not header_is_current(nb, path.name):
+        body = [c for c in nb["cells"] if KEY not in c.get("metadata", {})]
+        head = header_cells(path.name)
+        for cell in head:
+            cell["source"] = cell["source"].splitlines(keepends=True)
+        nb["cells"] = head + body
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return True
 
@@ -74,7 +83,8 @@ def main(argv: list[str]) -> int:
     if "--check" in argv:
         stale = [p.name for p in paths if not is_current(json.loads(p.read_text()), p.name)]
         for name in stale:
-            print(f"{name}: Colab header missing or stale; run python scripts/notebook_headers.py")
+            print(f"{name}: Colab header missing or stale, or widget state saved; "
+                  "run python scripts/notebook_headers.py")
         return 1 if stale else 0
     for p in paths:
         if sync(p):

@@ -117,7 +117,7 @@ def _cmd_demo(a):
     from .budget import current, pick
 
     budget = current()
-    a.steps = a.steps or pick(smoke=20, default=600, full=6000)
+    a.steps = a.steps or pick(smoke=20, default=1200, full=6000)
     a.per_prompt = a.per_prompt or pick(smoke=10, default=50, full=100)
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"demo, budget {budget!r}: training the notebook-01 model for {a.steps} steps on {a.device}")
