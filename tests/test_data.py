@@ -20,7 +20,7 @@ from tutorial_lib.data.fashion_mnist import (
     to_uint8,
 )
 
-from .conftest import IDX_STEMS, REPO_ROOT, idx_bytes, write_idx
+from .conftest import IDX_STEMS, idx_bytes, write_idx
 
 
 # ----------------------------------------------------------------------------- the real data
@@ -234,7 +234,3 @@ def test_debian_package_folder_is_searched(tmp_path, monkeypatch, fake_idx_dir):
     monkeypatch.setattr(fm, "DEBIAN_DIR", fake_idx_dir)
     assert find_data_dir(download=False) == fake_idx_dir
 
-
-def test_repository_copy_is_complete():
-    folder = REPO_ROOT / "data" / "fashion-mnist"
-    assert find_data_dir(folder, download=False) == folder
