@@ -43,7 +43,7 @@ def show_grid(images: torch.Tensor, nrow: int, row_labels=None, title: str | Non
         ax.set_title(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
 
 
