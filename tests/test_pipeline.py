@@ -128,13 +128,15 @@ def test_train_denoiser_smoke(shipped_vae, tiny_denoiser_config, tiny_text_confi
 
     cfg = DenoiserTrainConfig(steps=6, batch_size=16, warmup=2, model=tiny_denoiser_config,
                               text=tiny_text_config, seed=0)
-    pipe, history = train_denoiser(_FakeCache(), cfg, vae=shipped_vae, log_every=3)
+    nets, history = train_denoiser(_FakeCache(), cfg, log_every=3)
     assert history["step"] == [3, 6] and all(loss > 0 for loss in history["loss"])
+    pipe = TextToImagePipeline(**nets, vae=shipped_vae)
     images = pipe.generate("a bag", num_inference_steps=STEPS)
     assert images.shape == (1, 1, 32, 32)
     # Seeded: the same config trains the same weights.
-    pipe2, history2 = train_denoiser(_FakeCache(), cfg, vae=shipped_vae, log_every=3)
+    nets2, history2 = train_denoiser(_FakeCache(), cfg, log_every=3)
     assert history2 == history
+    pipe2 = TextToImagePipeline(**nets2, vae=shipped_vae)
     assert torch.equal(pipe2.generate("a bag", num_inference_steps=STEPS), images)
 
 

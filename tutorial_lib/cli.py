@@ -50,6 +50,7 @@ def _cmd_encode_latents(a):
 def _train(a):
     from .data.latents import latent_cache
     from .models.tiny_transformer import preset
+    from .pipeline import TextToImagePipeline
     from .text.word_encoder import WordEncoderConfig
     from .train.denoiser import DenoiserTrainConfig, train_denoiser
 
@@ -57,8 +58,9 @@ def _train(a):
     cfg = DenoiserTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                               model=model, text=WordEncoderConfig(dim=model.text_dim))
     start = time.perf_counter()
-    pipe, history = train_denoiser(latent_cache(), cfg, device=a.device)
+    nets, history = train_denoiser(latent_cache(), cfg, device=a.device)
     seconds = time.perf_counter() - start
+    pipe = TextToImagePipeline(**nets)
     command = (f"python -m tutorial_lib train --preset {a.preset} --steps {a.steps} "
                f"--batch-size {a.batch_size} --lr {a.lr} --seed {a.seed}")
     pipe.save(a.out, {"command": command, "train_seconds": seconds, "final_loss": history["loss"][-1]})

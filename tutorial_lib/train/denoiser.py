@@ -4,7 +4,7 @@ Each step: draw latents x0 with their labels, a caption per item (template x syn
 seeded generator), noise levels t ~ Beta(a, b) and noise eps; form x_t = alpha(t) x0 + sigma(t) eps;
 replace the caption by "" with probability `cond_drop` (so the model also learns the unconditional
 prediction that classifier-free guidance needs); minimise |D(x_t, t, caption) - x0|^2.
-The text encoder trains jointly. An EMA of both is what the returned pipeline samples with.
+The text encoder trains jointly. An EMA of both is returned: that is what we sample with.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from ..data.captions import all_training_captions
 from ..data.fashion_mnist import CLASSES
 from ..diffusion.schedules import add_noise, sample_beta
 from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
-from ..pipeline import TextToImagePipeline
 from ..text.word_encoder import WordEncoder, WordEncoderConfig
 from .common import EMA, infinite_batches, seed_everything, warmup_cosine
 
@@ -45,8 +44,9 @@ def caption_table(text_encoder: WordEncoder) -> torch.Tensor:
 
 
 def train_denoiser(cache, cfg: DenoiserTrainConfig | None = None, device: str = "cpu",
-                   vae=None, log_every: int = 50):
-    """Returns (pipeline with EMA weights, {'step': [...], 'loss': [...]})."""
+                   log_every: int = 50):
+    """Returns (EMA weights as ModuleDict(denoiser=..., text_encoder=...) on the CPU, in eval mode,
+    {'step': [...], 'loss': [...]}). `TextToImagePipeline(**nets, vae=vae)` samples with them."""
     cfg = cfg or DenoiserTrainConfig()
     gen = seed_everything(cfg.seed)
     latents, labels = cache.tensors("train")
@@ -89,5 +89,4 @@ def train_denoiser(cache, cfg: DenoiserTrainConfig | None = None, device: str = 
             history["loss"].append(sum(running) / len(running))
             bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
             running = []
-    final = ema.model.cpu()
-    return TextToImagePipeline(final["denoiser"], final["text_encoder"], vae), history
+    return ema.model.cpu().eval(), history
