@@ -1,42 +1,176 @@
 """Samplers over a denoiser callable, in the spirit of k-diffusion: one signature for all,
 
-    sampler(denoiser, noise, ts, cond=None, callback=None, ...) -> x0
+    sample_x(denoiser, noise, ts, cond=None, callback=None, *, schedule=COSINE, ...) -> x0
 
-where `denoiser(x_t, t, cond) -> x0_hat` and `ts` is a decreasing grid of noise levels in [0, 1]
-(`schedules.time_grid`). The denoiser is never evaluated at t = 0: the last step returns x0_hat.
+where `denoiser(x_t, t, cond) -> x0_hat` with t [B] (`parametrizations.x0_denoiser` makes one of
+an eps-, v- or flow-predicting network, `guidance.cfg_denoiser` guides one), `noise` is x at ts[0],
+and `ts` is a strictly decreasing grid of noise levels in [0, 1] on `schedule` (`time_grid`,
+`Schedule.grid`). The denoiser is never evaluated at t = 0: the step onto t = 0 returns x0_hat.
 `callback(i, t, x, x0_hat)` sees every step, e.g. to draw a denoising strip.
+
+Every update is written in x itself, not in k-diffusion's variables z = x / alpha and
+s = sigma / alpha (the noise level of x / alpha): those are infinite at SNR 0 (t = 1 on the cosine,
+flow and zero-terminal-SNR schedules), where the x form stays finite. Coefficients are computed in
+the grid's dtype (`Schedule.grid` gives float64), the state is kept in the noise's dtype.
+
+The step all of them build on is DDIM's (Song, Meng & Ermon, 2021) from t to s < t,
+    x_s = alpha_s x0_hat + sigma_s eps_hat,    eps_hat = (x_t - alpha_t x0_hat) / sigma_t.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from .schedules import cosine_alpha_sigma
+from .schedules import COSINE, FLOW, Schedule
+
+
+def _check_grid(ts: torch.Tensor):
+    if ts.ndim != 1 or len(ts) < 2:
+        raise ValueError(f"The grid of noise levels must be 1-D with at least 2 levels, got shape {tuple(ts.shape)}.")
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError("The grid of noise levels must decrease strictly, from noise to data, e.g. time_grid(steps).")
+    if ts[-1] < 0 or ts[0] > 1:
+        raise ValueError(f"Noise levels must lie in [0, 1], got {ts[0].item()} down to {ts[-1].item()}.")
+
+
+def _evaluate(denoiser, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    return denoiser(x, t.expand(x.shape[0]).to(x.device), cond)
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, noise: torch.Tensor, ts: torch.Tensor, cond=None, callback=None,
-                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM (Song, Meng & Ermon, 2021) for an x0-predicting denoiser; eta = 1 is ancestral DDPM.
-
-    From x_t: x0_hat = D(x_t, t), eps_hat = (x_t - alpha_t x0_hat) / sigma_t, and with
-        c = eta * sqrt(sigma_s^2 / sigma_t^2 * (1 - alpha_t^2 / alpha_s^2))
-    the step to s < t is x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z, z ~ N(0, I).
-    """
+def _integrate(denoiser, noise: torch.Tensor, ts: torch.Tensor, cond, callback, step) -> torch.Tensor:
+    """The loop all samplers share: x0_hat = D(x, t), the callback, then `step(x, x0_hat, t, s)` to
+    the next level, or x0_hat itself when that level is s = 0."""
+    _check_grid(ts)
     x = noise
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        alpha_t, sigma_t = cosine_alpha_sigma(t)
-        alpha_s, sigma_s = cosine_alpha_sigma(s)
-        x0_hat = denoiser(x, t.expand(x.shape[0]).to(x.device), cond)
+        x0_hat = _evaluate(denoiser, x, t, cond)
         if callback is not None:
             callback(i, t, x, x0_hat)
-        if s <= 0:  # the final step lands on the estimate itself
-            x = x0_hat
-            break
-        eps_hat = (x - alpha_t * x0_hat) / sigma_t
-        c = eta * (sigma_s**2 / sigma_t**2 * (1 - alpha_t**2 / alpha_s**2)).clamp(min=0).sqrt()
-        x = alpha_s * x0_hat + (sigma_s**2 - c**2).clamp(min=0).sqrt() * eps_hat
-        if eta > 0:
-            x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x0_hat if s == 0 else step(x, x0_hat, t, s)
     return x
+
+
+def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _transition_var(alpha_t, sigma_t, alpha_s, sigma_s):
+    """sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2, the variance of q(x_t | x_s)."""
+    return (sigma_t**2 - (alpha_t / alpha_s) ** 2 * sigma_s**2).clamp(min=0)
+
+
+def ddim_step(x, x0_hat, t, s, schedule: Schedule, eta: float = 0.0, generator=None) -> torch.Tensor:
+    """DDIM (Song et al., 2021, eq. 12) from t to s: with the posterior std of q(x_s | x_t, x0),
+        c = eta * sigma_{t|s} sigma_s / sigma_t,
+    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z, z ~ N(0, I)."""
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = schedule.alpha_sigma(t), schedule.alpha_sigma(s)
+    eps_hat = (x - alpha_t * x0_hat) / sigma_t
+    c = eta * (_transition_var(alpha_t, sigma_t, alpha_s, sigma_s) * sigma_s**2 / sigma_t**2).sqrt()
+    x = alpha_s * x0_hat + (sigma_s**2 - c**2).clamp(min=0).sqrt() * eps_hat
+    return x + c * _randn(x, generator) if eta > 0 else x
+
+
+def ddpm_step(x, x0_hat, t, s, schedule: Schedule, generator=None) -> torch.Tensor:
+    """A draw from the posterior q(x_s | x_t, x0 = x0_hat) (Ho et al., 2020, eqs. 6-7, for any
+    s < t as in Kingma et al., 2021): with alpha_{t|s} = alpha_t / alpha_s,
+        mean = alpha_{t|s} sigma_s^2 / sigma_t^2 x_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x0_hat,
+        var = sigma_{t|s}^2 sigma_s^2 / sigma_t^2."""
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = schedule.alpha_sigma(t), schedule.alpha_sigma(s)
+    var_ts = _transition_var(alpha_t, sigma_t, alpha_s, sigma_s)
+    mean = alpha_t / alpha_s * sigma_s**2 / sigma_t**2 * x + alpha_s * var_ts / sigma_t**2 * x0_hat
+    return mean + (var_ts * sigma_s**2 / sigma_t**2).sqrt() * _randn(x, generator)
+
+
+def sample_ddpm(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ancestral sampling (Ho et al., 2020): each step draws x_s from q(x_s | x_t, x0_hat). The same
+    chain as DDIM with eta = 1, written as the posterior's mean and variance."""
+    return _integrate(denoiser, noise, ts, cond, callback,
+                      partial(ddpm_step, schedule=schedule, generator=generator))
+
+
+def sample_ddim(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE,
+                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM (Song, Meng & Ermon, 2021): deterministic at eta = 0, ancestral DDPM at eta = 1."""
+    return _integrate(denoiser, noise, ts, cond, callback,
+                      partial(ddim_step, schedule=schedule, eta=eta, generator=generator))
+
+
+def sample_euler(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Song et al., 2021; Karras et al., 2022, Alg. 1
+    without the correction). In z = x / alpha, s = sigma / alpha the ODE is dz/ds = (z - D) / s, and
+    an Euler step z_s = z_t + (s_s - s_t) (z_t - D) / s_t, times alpha_s, is
+        x_s = (sigma_s / sigma_t) x_t + (alpha_s - alpha_t sigma_s / sigma_t) x0_hat,
+    the DDIM step with eta = 0 (as Karras et al., 2022 note): it is computed as that."""
+    return _integrate(denoiser, noise, ts, cond, callback, partial(ddim_step, schedule=schedule))
+
+
+def _no_signal(alpha, sigma) -> bool:
+    """SNR below the dtype's resolution, so that s = sigma / alpha is (numerically) infinite."""
+    return bool(alpha**2 <= torch.finfo(alpha.dtype).eps * sigma**2)
+
+
+def sample_heun(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE) -> torch.Tensor:
+    """Heun's method on the probability-flow ODE (Karras et al., 2022, Alg. 1): an Euler step to
+    x_e, then the average of the slopes d = (z - D) / s at both ends,
+        z_s = z_t + (s_s - s_t) (d_t + d_e) / 2,    d_e = (z_e - D(x_e, s)) / s_s.
+    Since d_e - d_t = (D(x_t, t) - D(x_e, s)) / s_s, in x this is
+        x_s = x_e + alpha_s (s_t / s_s - 1) (D(x_e, s) - D(x_t, t)) / 2.
+    Two evaluations a step, except where that is undefined: onto s = 0 (as in Karras et al.) and
+    from SNR 0 (s_t infinite) the step is Euler's. Start from a moderate s_t = sigma / alpha:
+    the correction is scaled by s_t / s_s (Karras et al. start at 80)."""
+    def step(x, x0_hat, t, s):
+        x_euler = ddim_step(x, x0_hat, t, s, schedule)
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = schedule.alpha_sigma(t), schedule.alpha_sigma(s)
+        if _no_signal(alpha_t, sigma_t):
+            return x_euler
+        ratio = sigma_t * alpha_s / (alpha_t * sigma_s)  # s_t / s_s > 1
+        return x_euler + alpha_s * (ratio - 1) * (_evaluate(denoiser, x_euler, s, cond) - x0_hat) / 2
+
+    return _integrate(denoiser, noise, ts, cond, callback, step)
+
+
+def sample_dpmpp_2m(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al., 2022, Alg. 2): a multistep 2nd-order solver in the half log-SNR
+    lambda = log(alpha / sigma). With h = lambda_s - lambda_t, the 1st-order update
+        x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
+    is the DDIM step with x0_hat = D; the 2nd order takes D from the last two estimates,
+        D = x0_hat + (x0_hat - x0_prev) / (2 r),    r = h_prev / h.
+    The first step is 1st order (no history), as is the last onto t = 0 (x0_hat itself); after a
+    step from SNR 0, h_prev is infinite and the correction vanishes."""
+    previous = None  # (x0_hat, h) of the step before
+
+    def step(x, x0_hat, t, s):
+        nonlocal previous
+        h = (schedule.log_snr(s) - schedule.log_snr(t)) / 2
+        d = x0_hat
+        if previous is not None:
+            x0_prev, h_prev = previous
+            d = x0_hat + h / (2 * h_prev) * (x0_hat - x0_prev)
+        previous = x0_hat, h
+        return ddim_step(x, d, t, s, schedule)
+
+    return _integrate(denoiser, noise, ts, cond, callback, step)
+
+
+def sample_flow_euler(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = FLOW) -> torch.Tensor:
+    """Euler's method on the rectified-flow ODE dx/dt = u (Liu et al., 2022; Lipman et al., 2022) on
+    the flow path x_t = (1 - t) x0 + t eps, where u = eps - x0 and so x_t - x0 = t u:
+        u_hat = (x_t - x0_hat) / t,    x_s = x_t + (s - t) u_hat.
+    (Algebraically the DDIM step on this path.) Only for `schedules.FLOW`."""
+    if schedule.name != "flow":
+        raise ValueError(f"The flow Euler sampler integrates the flow path alpha = 1 - t, sigma = t; "
+                         f"got the {schedule.name} schedule (use sample_euler there).")
+
+    def step(x, x0_hat, t, s):
+        return x + (s - t) * (x - x0_hat) / t
+
+    return _integrate(denoiser, noise, ts, cond, callback, step)
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun,
+            "dpmpp_2m": sample_dpmpp_2m, "flow_euler": sample_flow_euler}

@@ -5,6 +5,9 @@ seeded generator), noise levels t ~ Beta(a, b) and noise eps; form x_t = alpha(t
 replace the caption by "" with probability `cond_drop` (so the model also learns the unconditional
 prediction that classifier-free guidance needs); minimise |D(x_t, t, caption) - x0|^2.
 The text encoder trains jointly. An EMA of both is returned: that is what we sample with.
+
+The config's objective knobs (diffusion/losses.py) default to exactly that recipe: other timestep
+distributions and a timestep shift, min-SNR-gamma weights, offset noise, input perturbation.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.captions import all_training_captions
 from ..data.fashion_mnist import CLASSES
-from ..diffusion.schedules import add_noise, sample_beta
+from ..diffusion.losses import min_snr_weight, offset_noise, perturb_input, sample_timesteps, weighted_mse
+from ..diffusion.schedules import COSINE
 from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from ..text.word_encoder import WordEncoder, WordEncoderConfig
 from .common import EMA, infinite_batches, seed_everything, warmup_cosine
@@ -31,7 +34,13 @@ class DenoiserTrainConfig:
     lr: float = 2e-3
     warmup: int = 100
     cond_drop: float = 0.1
+    t_distribution: str = "beta"  # "uniform" | "beta" | "logit_normal": losses.sample_timesteps
     t_beta: tuple[float, float] = (1.0, 2.5)
+    t_logit_normal: tuple[float, float] = (0.0, 1.0)  # (mean, std) of logit(t)
+    t_shift: float = 1.0  # timestep bias: > 1 towards noise, < 1 towards data
+    min_snr_gamma: float | None = None  # min-SNR-gamma weights on the x0 loss; None: plain MSE
+    offset_noise: float = 0.0  # strength of per-channel offset noise
+    input_perturbation: float = 0.0  # gamma of input perturbation
     ema_decay: float = 0.999
     seed: int = 0
     model: TinyTransformerConfig = field(default_factory=TinyTransformerConfig)
@@ -71,11 +80,15 @@ def train_denoiser(cache, cfg: DenoiserTrainConfig | None = None, device: str = 
         ids = captions[y, pick]  # [B, L]
         drop = (torch.rand(b, generator=gen) < cfg.cond_drop).to(device)
         ids = torch.where(drop[:, None], null_ids, ids)
-        t = sample_beta(b, *cfg.t_beta, generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = sample_timesteps(b, cfg.t_distribution, gen, beta=cfg.t_beta, logit_normal=cfg.t_logit_normal,
+                             shift=cfg.t_shift).to(device)
+        noise = offset_noise(torch.randn(x0.shape, generator=gen), cfg.offset_noise, gen)
+        x_t = COSINE.add_noise(x0, t, perturb_input(noise, cfg.input_perturbation, gen).to(device))
 
-        x0_hat = nets["denoiser"](add_noise(x0, t, noise), t, nets["text_encoder"](ids))
-        loss = F.mse_loss(x0_hat, x0)
+        x0_hat = nets["denoiser"](x_t, t, nets["text_encoder"](ids))
+        weight = None if cfg.min_snr_gamma is None else \
+            min_snr_weight(*COSINE.alpha_sigma(t), "x0", cfg.min_snr_gamma)
+        loss = weighted_mse(x0_hat, x0, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
