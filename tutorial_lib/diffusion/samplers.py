@@ -140,9 +140,10 @@ def sample_dpmpp_2m(denoiser, noise, ts, cond=None, callback=None, *, schedule: 
         x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
     is the DDIM step with x0_hat = D; the 2nd order takes D from the last two estimates,
         D = x0_hat + (x0_hat - x0_prev) / (2 r),    r = h_prev / h.
-    The first step is 1st order (no history), as is the last onto t = 0 (x0_hat itself); after a
-    step from SNR 0, h_prev is infinite and the correction vanishes."""
-    previous = None  # (x0_hat, h) of the step before
+    The first step is 1st order (no history), as is the last onto t = 0 (x0_hat itself), and so is
+    the one after a step from SNR 0, where h_prev is infinite (and lambda, where the SNR is only
+    numerically 0, e.g. float32's cos(pi / 2) = -4e-8, would depend on the dtype)."""
+    previous = None  # (x0_hat, h) of the step before, if it has a finite h
 
     def step(x, x0_hat, t, s):
         nonlocal previous
@@ -151,7 +152,7 @@ def sample_dpmpp_2m(denoiser, noise, ts, cond=None, callback=None, *, schedule: 
         if previous is not None:
             x0_prev, h_prev = previous
             d = x0_hat + h / (2 * h_prev) * (x0_hat - x0_prev)
-        previous = x0_hat, h
+        previous = None if _no_signal(*schedule.alpha_sigma(t)) else (x0_hat, h)
         return ddim_step(x, d, t, s, schedule)
 
     return _integrate(denoiser, noise, ts, cond, callback, step)
