@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tutorial_lib.diffusion.losses import (TIMESTEP_DISTRIBUTIONS, min_snr_weight, offset_noise, perturb_input,
-                                           sample_timesteps, weighted_mse)
+from tutorial_lib.diffusion.losses import (TIMESTEP_DISTRIBUTIONS, min_snr_weight, offset_noise,
+                                           perturb_input, sample_timesteps, weighted_mse)
 from tutorial_lib.diffusion.parametrizations import PREDICTIONS, prediction_target
 from tutorial_lib.diffusion.schedules import COSINE, FLOW, get_schedule, sample_beta
 
@@ -36,12 +36,13 @@ def test_min_snr_weights_are_one_weighting_in_x0_space(schedule):
     t = torch.tensor([0.05, 0.3, 0.6, 0.95], dtype=torch.float64)
     alpha, sigma = schedule.alpha_sigma(t[:, None])
     g = _gen()
-    x0, eps = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x0, eps = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
     x0_hat = x0 + 0.1 * torch.randn(4, 6, generator=g, dtype=torch.float64)
     eps_hat = eps - alpha / sigma * (x0_hat - x0)  # the same x_t
     x0_loss = min_snr_weight(alpha, sigma, "x0", 2.0) * (x0_hat - x0).pow(2)
     for target in PREDICTIONS:
-        error = prediction_target(target, x0_hat, eps_hat, alpha, sigma) - prediction_target(target, x0, eps, alpha, sigma)
+        error = prediction_target(target, x0_hat, eps_hat, alpha, sigma) - \
+            prediction_target(target, x0, eps, alpha, sigma)
         torch.testing.assert_close(min_snr_weight(alpha, sigma, target, 2.0) * error.pow(2), x0_loss)
 
 

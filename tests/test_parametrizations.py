@@ -16,12 +16,13 @@ ZTSNR = get_schedule("scaled_linear", zero_terminal_snr=True)
 # Both ends exactly: flow and zero-terminal-SNR have alpha(1) = 0; cosine's cos(pi / 2) is not 0.
 LEVELS = [(FLOW, t) for t in (0.0, 0.001, 0.3, 0.999, 1.0)] + \
          [(ZTSNR, t) for t in (0.0, 0.0004, 0.5, 0.9995, 1.0)] + [(COSINE, t) for t in (0.0, 0.5)]
-DEFINED = {"x0": lambda a, s: s > 0, "eps": lambda a, s: a > 0, "v": lambda a, s: True, "flow": lambda a, s: True}
+DEFINED = {"x0": lambda a, s: s > 0, "eps": lambda a, s: a > 0,  # converting *from* them
+           "v": lambda a, s: True, "flow": lambda a, s: True}
 
 
 def _draw(schedule, t):
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    x0, eps = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
     alpha, sigma = schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64))
     return x0, eps, alpha * x0 + sigma * eps, alpha, sigma
 
@@ -45,7 +46,8 @@ def test_there_and_back_is_the_identity_where_defined(schedule, t):
     for source, target in itertools.permutations(PREDICTIONS, 2):
         if DEFINED[source](alpha, sigma) and DEFINED[target](alpha, sigma):
             pred = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            back = convert(convert(pred, source, target, x_t, alpha, sigma), target, source, x_t, alpha, sigma)
+            there = convert(pred, source, target, x_t, alpha, sigma)
+            back = convert(there, target, source, x_t, alpha, sigma)
             torch.testing.assert_close(back, pred, atol=1e-9, rtol=1e-9)
 
 
@@ -69,7 +71,8 @@ def test_v_and_flow_are_velocities():
         alpha, sigma = schedule.alpha_sigma(ts)
         xs = alpha[:, None, None] * x0 + sigma[:, None, None] * eps
         velocity = (xs[2] - xs[0]) / (2 * h) * dt_dvar
-        torch.testing.assert_close(velocity, prediction_target(kind, x0, eps, alpha[1], sigma[1]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(velocity, prediction_target(kind, x0, eps, alpha[1], sigma[1]),
+                                   atol=1e-6, rtol=0)
 
 
 def test_x0_denoiser_wraps_a_network_of_any_prediction():
@@ -86,7 +89,8 @@ def test_x0_denoiser_wraps_a_network_of_any_prediction():
 
 def test_unknown_prediction():
     x = torch.zeros(2)
-    for call in (lambda: convert(x, "score", "x0", x, 0.5, 0.5), lambda: convert(x, "x0", "score", x, 0.5, 0.5),
+    for call in (lambda: convert(x, "score", "x0", x, 0.5, 0.5),
+                 lambda: convert(x, "x0", "score", x, 0.5, 0.5),
                  lambda: x0_denoiser(None, "epsilon", COSINE)):
         with pytest.raises(ValueError, match="Unknown prediction"):
             call()

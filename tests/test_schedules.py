@@ -50,9 +50,10 @@ def test_beta_schedules_match_diffusers(name, zero_terminal_snr):
     """diffusers' timestep n is our t = (n + 1) / N. Its table is float32 (cumprod of 1000 float32
     factors): rtol 1e-5 relative, atol 1e-7 for the near-0 entries."""
     diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.DDPMScheduler(beta_schedule=name, rescale_betas_zero_snr=zero_terminal_snr,
-                                     **({"beta_start": 0.00085, "beta_end": 0.012} if name == "scaled_linear" else {}))
-    alpha, _ = get_schedule(name, zero_terminal_snr).alpha_sigma(torch.arange(1, 1001, dtype=torch.float64) / 1000)
+    betas = {"beta_start": 0.00085, "beta_end": 0.012} if name == "scaled_linear" else {}  # else DDPM's
+    theirs = diffusers.DDPMScheduler(beta_schedule=name, rescale_betas_zero_snr=zero_terminal_snr, **betas)
+    levels = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    alpha, _ = get_schedule(name, zero_terminal_snr).alpha_sigma(levels)
     torch.testing.assert_close(alpha**2, theirs.alphas_cumprod.double(), rtol=1e-5, atol=1e-7)
 
 

@@ -39,7 +39,8 @@ def sample_timesteps(n: int, distribution: str = "uniform", generator: torch.Gen
     return t if shift == 1 else shift_timesteps(t, shift)
 
 
-def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def offset_noise(noise: torch.Tensor, strength: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """eps + strength * z with z ~ N(0, 1) per item and channel [B, C, 1, ...] (Guttenberg, 2023,
     "Diffusion with offset noise"). Plain eps barely touches an image's mean, so a model trained on
     it keeps every sample's mean near the data's; the shared offset lets it learn to move it."""
@@ -49,13 +50,15 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     return noise + strength * torch.randn(shape, generator=generator, device=noise.device, dtype=noise.dtype)
 
 
-def perturb_input(noise: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def perturb_input(noise: torch.Tensor, gamma: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """The noise to form the *input* x_t with under input perturbation (Ning et al., 2023):
     eps + gamma * xi, xi ~ N(0, I), while the target keeps the unperturbed eps. Training on inputs
     a little off the forward process imitates the sampler's own errors (exposure bias)."""
     if gamma == 0:
         return noise
-    return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    xi = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + gamma * xi
 
 
 def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, target: str, gamma: float = 5.0) -> torch.Tensor:
@@ -81,7 +84,8 @@ def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, target: str, gamma:
     return clipped / (1 + snr.sqrt()) ** 2
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error; with weight [B], the mean over items of weight * per-item MSE."""
     if weight is None:
         return F.mse_loss(pred, target)

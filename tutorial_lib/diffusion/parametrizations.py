@@ -58,7 +58,8 @@ def prediction_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, alpha, sig
     return a * x0 + b * eps
 
 
-def to_x0_eps(pred: torch.Tensor, kind: str, x_t: torch.Tensor, alpha, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+def to_x0_eps(pred: torch.Tensor, kind: str, x_t: torch.Tensor, alpha,
+              sigma) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) from a `kind` prediction at x_t: the 2 x 2 solve in the module docstring."""
     a, b = coefficients(kind, alpha, sigma)
     det = alpha * b - sigma * a

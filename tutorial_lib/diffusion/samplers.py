@@ -28,9 +28,11 @@ from .schedules import COSINE, FLOW, Schedule
 
 def _check_grid(ts: torch.Tensor):
     if ts.ndim != 1 or len(ts) < 2:
-        raise ValueError(f"The grid of noise levels must be 1-D with at least 2 levels, got shape {tuple(ts.shape)}.")
+        raise ValueError(f"The grid of noise levels must be 1-D with at least 2 levels, "
+                         f"got shape {tuple(ts.shape)}.")
     if not (ts[1:] < ts[:-1]).all():
-        raise ValueError("The grid of noise levels must decrease strictly, from noise to data, e.g. time_grid(steps).")
+        raise ValueError("The grid of noise levels must decrease strictly, from noise to data, "
+                         "e.g. time_grid(steps).")
     if ts[-1] < 0 or ts[0] > 1:
         raise ValueError(f"Noise levels must lie in [0, 1], got {ts[0].item()} down to {ts[-1].item()}.")
 
@@ -100,7 +102,8 @@ def sample_ddim(denoiser, noise, ts, cond=None, callback=None, *, schedule: Sche
                       partial(ddim_step, schedule=schedule, eta=eta, generator=generator))
 
 
-def sample_euler(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE) -> torch.Tensor:
+def sample_euler(denoiser, noise, ts, cond=None, callback=None, *,
+                 schedule: Schedule = COSINE) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Song et al., 2021; Karras et al., 2022, Alg. 1
     without the correction). In z = x / alpha, s = sigma / alpha the ODE is dz/ds = (z - D) / s, and
     an Euler step z_s = z_t + (s_s - s_t) (z_t - D) / s_t, times alpha_s, is
@@ -114,7 +117,8 @@ def _no_signal(alpha, sigma) -> bool:
     return bool(alpha**2 <= torch.finfo(alpha.dtype).eps * sigma**2)
 
 
-def sample_heun(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE) -> torch.Tensor:
+def sample_heun(denoiser, noise, ts, cond=None, callback=None, *,
+                schedule: Schedule = COSINE) -> torch.Tensor:
     """Heun's method on the probability-flow ODE (Karras et al., 2022, Alg. 1): an Euler step to
     x_e, then the average of the slopes d = (z - D) / s at both ends,
         z_s = z_t + (s_s - s_t) (d_t + d_e) / 2,    d_e = (z_e - D(x_e, s)) / s_s.
@@ -134,7 +138,8 @@ def sample_heun(denoiser, noise, ts, cond=None, callback=None, *, schedule: Sche
     return _integrate(denoiser, noise, ts, cond, callback, step)
 
 
-def sample_dpmpp_2m(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = COSINE) -> torch.Tensor:
+def sample_dpmpp_2m(denoiser, noise, ts, cond=None, callback=None, *,
+                    schedule: Schedule = COSINE) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al., 2022, Alg. 2): a multistep 2nd-order solver in the half log-SNR
     lambda = log(alpha / sigma). With h = lambda_s - lambda_t, the 1st-order update
         x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
@@ -158,7 +163,8 @@ def sample_dpmpp_2m(denoiser, noise, ts, cond=None, callback=None, *, schedule: 
     return _integrate(denoiser, noise, ts, cond, callback, step)
 
 
-def sample_flow_euler(denoiser, noise, ts, cond=None, callback=None, *, schedule: Schedule = FLOW) -> torch.Tensor:
+def sample_flow_euler(denoiser, noise, ts, cond=None, callback=None, *,
+                      schedule: Schedule = FLOW) -> torch.Tensor:
     """Euler's method on the rectified-flow ODE dx/dt = u (Liu et al., 2022; Lipman et al., 2022) on
     the flow path x_t = (1 - t) x0 + t eps, where u = eps - x0 and so x_t - x0 = t u:
         u_hat = (x_t - x0_hat) / t,    x_s = x_t + (s - t) u_hat.

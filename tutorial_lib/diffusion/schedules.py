@@ -116,11 +116,11 @@ def _interpolated_alpha_sigma(alpha_bar: torch.Tensor, t: torch.Tensor) -> tuple
     if (t < 0).any() or (t > 1).any():
         raise ValueError("Noise levels t must lie in [0, 1].")
     n = len(alpha_bar) - 1
-    pos = t.to(torch.float64) * n
+    pos = t.detach().cpu().double() * n  # on the CPU: float64 (and the table) everywhere
     k = pos.floor().clamp(max=n - 1).long()
     ab = torch.lerp(alpha_bar[k], alpha_bar[k + 1], pos - k)
     dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
-    return ab.sqrt().to(dtype), (1 - ab).sqrt().to(dtype)
+    return ab.sqrt().to(t.device, dtype), (1 - ab).sqrt().to(t.device, dtype)
 
 
 def linear_betas(n: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
@@ -165,7 +165,9 @@ def get_schedule(name: str, zero_terminal_snr: bool = False, num_steps: int = 10
     if name in BETAS:
         return beta_schedule(name, BETAS[name](num_steps), zero_terminal_snr)
     if name not in ("cosine", "flow"):
-        raise ValueError(f"Unknown schedule {name!r}; choose from 'cosine', 'flow', {', '.join(map(repr, BETAS))}.")
+        raise ValueError(f"Unknown schedule {name!r}; choose from 'cosine', 'flow', "
+                         f"{', '.join(map(repr, BETAS))}.")
     if zero_terminal_snr:
-        raise ValueError(f"The {name} schedule already ends at SNR 0; zero_terminal_snr is for beta schedules.")
+        raise ValueError(f"The {name} schedule already ends at SNR 0; zero_terminal_snr is for "
+                         "beta schedules.")
     return COSINE if name == "cosine" else FLOW
