@@ -23,7 +23,7 @@ def sample_timesteps(n: int, distribution: str = "uniform", generator: torch.Gen
         uniform        t ~ U(0, 1)
         beta           t ~ Beta(a, b) (`schedules.sample_beta`); notebook 01 trains on Beta(1, 2.5)
         logit_normal   t = sigmoid(m + s n), n ~ N(0, 1) (Esser et al., 2024): most draws mid-way,
-                       where predicting the data is hardest, few at the near-trivial ends
+                       which Esser et al. find the hardest part, few at the near-trivial ends
     then, if shift != 1, biased towards noise (shift > 1) or data (shift < 1) by `shift_timesteps`.
     """
     if distribution == "uniform":

@@ -60,6 +60,11 @@ def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def _no_signal(alpha, sigma) -> bool:
+    """SNR below the dtype's resolution, so that s = sigma / alpha is (numerically) infinite."""
+    return bool(alpha**2 <= torch.finfo(alpha.dtype).eps * sigma**2)
+
+
 def _transition_var(alpha_t, sigma_t, alpha_s, sigma_s):
     """sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2, the variance of q(x_t | x_s)."""
     return (sigma_t**2 - (alpha_t / alpha_s) ** 2 * sigma_s**2).clamp(min=0)
@@ -112,11 +117,6 @@ def sample_euler(denoiser, noise, ts, cond=None, callback=None, *,
     return _integrate(denoiser, noise, ts, cond, callback, partial(ddim_step, schedule=schedule))
 
 
-def _no_signal(alpha, sigma) -> bool:
-    """SNR below the dtype's resolution, so that s = sigma / alpha is (numerically) infinite."""
-    return bool(alpha**2 <= torch.finfo(alpha.dtype).eps * sigma**2)
-
-
 def sample_heun(denoiser, noise, ts, cond=None, callback=None, *,
                 schedule: Schedule = COSINE) -> torch.Tensor:
     """Heun's method on the probability-flow ODE (Karras et al., 2022, Alg. 1): an Euler step to
@@ -126,7 +126,8 @@ def sample_heun(denoiser, noise, ts, cond=None, callback=None, *,
         x_s = x_e + alpha_s (s_t / s_s - 1) (D(x_e, s) - D(x_t, t)) / 2.
     Two evaluations a step, except where that is undefined: onto s = 0 (as in Karras et al.) and
     from SNR 0 (s_t infinite) the step is Euler's. Start from a moderate s_t = sigma / alpha:
-    the correction is scaled by s_t / s_s (Karras et al. start at 80)."""
+    the correction is scaled by s_t / s_s (Karras et al. start at 80). The callback sees each
+    step's first evaluation."""
     def step(x, x0_hat, t, s):
         x_euler = ddim_step(x, x0_hat, t, s, schedule)
         (alpha_t, sigma_t), (alpha_s, sigma_s) = schedule.alpha_sigma(t), schedule.alpha_sigma(s)

@@ -18,6 +18,9 @@ levels t = k / N, k = 1..N, and alpha_bar = 1 at t = 0; in between alpha_bar is 
 t in [0, 1] works for training and sampling. diffusers' timestep n is our t = (n + 1) / N. Beta
 schedules keep SNR(1) > 0 (a little signal leaks into "pure noise"); the zero-terminal-SNR rescale
 (Lin et al., 2023) fixes that.
+
+`get_schedule(name)` gives a `Schedule`: alpha_sigma(t), snr, log_snr, add_noise and a sampling
+grid. The cosine functions at the top (`cosine_alpha_sigma`, `add_noise`) are notebook 01's.
 """
 
 from __future__ import annotations
