@@ -65,7 +65,7 @@ def fake_idx_dir(tmp_path) -> Path:
 def tiny_vae_config() -> VAEConfig:
     # f = 2: a 1x16x16 image <-> a 4x8x8 latent.
     return VAEConfig(in_channels=1, channels=(8, 16), num_res_blocks=1, latent_channels=4,
-                     mid_attention=True, scaling_factor=1.5, shift_factor=0.1)
+                     mid_attention=True, norm_groups=4, scaling_factor=1.5, shift_factor=0.1)
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def shipped_vae():
 
 @pytest.fixture(scope="session")
 def shipped_classifier():
-    from tutorial_lib.eval.classifier import load_classifier
+    from tutorial_lib.models.classifier import load_classifier
 
     return load_classifier()
 

@@ -12,7 +12,7 @@ import torch
 
 from tutorial_lib.data.fashion_mnist import to_model_images
 from tutorial_lib.eval import metrics
-from tutorial_lib.eval.classifier import ClassifierConfig, FashionClassifier
+from tutorial_lib.models.classifier import ClassifierConfig, FashionClassifier
 from tutorial_lib.eval.metrics import (
     class_accuracy,
     evaluate_images,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tutorial_lib.data.fashion_mnist import to_model_images
-from tutorial_lib.train.vae import psnr, reconstruct
+from tutorial_lib.eval.reconstruction import psnr, reconstruct
 from tutorial_lib.vae.autoencoder import AutoencoderKL, DiagonalGaussian, VAEConfig, load_vae
 from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
 
@@ -82,7 +82,7 @@ def test_save_load_round_trip_is_identical(tiny_vae, tmp_path):
 
 def test_load_into_a_model_of_another_config_is_refused(tiny_vae, tmp_path):
     path = save_weights(tiny_vae, tmp_path / "vae.safetensors", "vae")
-    other = AutoencoderKL(VAEConfig(channels=(8, 16), latent_channels=2))
+    other = AutoencoderKL(VAEConfig(channels=(8, 16), latent_channels=2, norm_groups=4))
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(WeightsError, match="latent_channels"):
         load_into(other, path, "vae")
@@ -116,3 +116,31 @@ def test_shipped_vae_latents_are_about_unit_variance(shipped_vae, real_test):
     z = shipped_vae.encode_to_latents(to_model_images(real_test[0][:300]))
     assert z.shape == (300, 4, 8, 8)
     assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.2
+
+
+@pytest.mark.parametrize("kwargs", [dict(channels=(8, 12), norm_groups=8), dict(channels=()),
+                                    dict(num_res_blocks=0), dict(latent_channels=0)])
+def test_invalid_config_is_refused(kwargs):
+    with pytest.raises(ValueError, match="VAEConfig"):
+        VAEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("channels,f", [((8,), 1), ((8, 8), 2), ((8, 8, 8), 4), ((8, 8, 8, 8), 8)])
+def test_downsampling_levels_and_rgb(channels, f):
+    vae = AutoencoderKL(VAEConfig(in_channels=3, channels=channels, norm_groups=4, latent_channels=2,
+                                  mid_attention=False)).eval()
+    x = torch.zeros(1, 3, 16, 24)
+    z = vae.encode(x).mode()
+    assert vae.config.downsample_factor == f and z.shape == (1, 2, 16 // f, 24 // f)
+    assert vae.decode(z).shape == x.shape
+
+
+def test_shipped_vae_matches_its_targets(shipped_vae, real_test, shipped_classifier):
+    """Issue 3's bar on 1,000 test images: PSNR >= 26 dB and classifier accuracy on
+    reconstructions within 2 points of the originals."""
+    from tutorial_lib.eval.metrics import class_accuracy
+
+    x, labels = to_model_images(real_test[0][:1000]), real_test[1][:1000]
+    x_hat = reconstruct(shipped_vae, x)
+    assert psnr(x, x_hat) >= 26.0
+    assert class_accuracy(shipped_classifier, x, labels) - class_accuracy(shipped_classifier, x_hat, labels) <= 0.02

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tutorial_lib.eval.classifier import ClassifierConfig, FashionClassifier
+from tutorial_lib.models.classifier import ClassifierConfig, FashionClassifier
 from tutorial_lib.models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from tutorial_lib.text.word_encoder import WordEncoder, WordEncoderConfig
 from tutorial_lib.vae.autoencoder import AutoencoderKL, VAEConfig
@@ -131,7 +131,7 @@ def test_weights_hash_covers_the_config(tiny_vae):
 
 
 @pytest.mark.parametrize("build", [
-    lambda: AutoencoderKL(VAEConfig(channels=(8, 16))),
+    lambda: AutoencoderKL(VAEConfig(channels=(8, 16), norm_groups=4)),
     lambda: TinyTransformer(TinyTransformerConfig(dim=16, depth=1, heads=2, text_dim=8)),
     lambda: WordEncoder(WordEncoderConfig(dim=8, heads=2)),
     # BatchNorm keeps a 0-d `num_batches_tracked` buffer: hashing must handle 0-d tensors too.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .paths import ASSETS_DIR
@@ -29,15 +30,26 @@ def _cmd_train_classifier(a):
 
 
 def _cmd_train_vae(a):
-    from .train.vae import train_vae
+    from .eval.reconstruction import evaluate_vae
+    from .train.vae import VAETrainConfig, train_vae
     from .vae.autoencoder import VAEConfig
+    from .vae.losses import VAELossConfig
     from .weights import save_weights
 
-    config = VAEConfig(channels=tuple(int(c) for c in a.channels.split(",")))
-    vae, test_psnr = train_vae(steps=a.steps, batch_size=a.batch_size, kl_weight=a.kl_weight,
-                               seed=a.seed, device=a.device, config=config)
-    save_weights(vae, a.out, "vae", {"test_psnr": test_psnr, "steps": a.steps, "seed": a.seed})
-    print(json.dumps({"test_psnr_db": round(test_psnr, 2), "scaling_factor": vae.config.scaling_factor,
+    model = VAEConfig(channels=tuple(int(c) for c in a.channels.split(",")), num_res_blocks=a.res_blocks,
+                      latent_channels=a.latent_channels, norm_groups=a.norm_groups,
+                      mid_attention=not a.no_mid_attention)
+    loss = VAELossConfig(reconstruction=a.reconstruction, kl_weight=a.kl_weight,
+                         perceptual_weight=a.perceptual_weight, disc_weight=a.disc_weight,
+                         disc_start=a.disc_start)
+    cfg = VAETrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, model=model,
+                         loss=loss, init=str(a.init) if a.init else None)
+    start = time.perf_counter()
+    vae, _ = train_vae(cfg, device=a.device)
+    seconds = time.perf_counter() - start
+    metrics = evaluate_vae(vae)
+    save_weights(vae, a.out, "vae", {**metrics, "train_seconds": seconds, "train_config": asdict(cfg)})
+    print(json.dumps({**metrics, "train_seconds": round(seconds), "scaling_factor": vae.config.scaling_factor,
                       "shift_factor": vae.config.shift_factor, "weights": str(a.out)}))
 
 
@@ -171,10 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("train-vae", help="train the KL autoencoder")
-    p.add_argument("--steps", type=int, default=15_000)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--channels", default="32,64,64", help="width per level, comma-separated; f = 2^(levels-1)")
+    p.add_argument("--res-blocks", type=int, default=1)
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--norm-groups", type=int, default=16)
+    p.add_argument("--no-mid-attention", action="store_true")
+    p.add_argument("--reconstruction", choices=("l1", "l2"), default="l1")
     p.add_argument("--kl-weight", type=float, default=1e-3)
-    p.add_argument("--channels", default="16,32,64", help="width per level, comma-separated")
+    p.add_argument("--perceptual-weight", type=float, default=0.0)
+    p.add_argument("--disc-weight", type=float, default=0.0)
+    p.add_argument("--disc-start", type=int, default=0)
+    p.add_argument("--init", type=Path, help="start from these VAE weights (their config is kept)")
     p.add_argument("--out", type=Path, default=ASSETS_DIR / "vae.safetensors")
     _add_common(p)
     p.set_defaults(func=_cmd_train_vae)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.fashion_mnist import load_fashion_mnist, to_model_images
-from ..eval.classifier import ClassifierConfig, FashionClassifier
+from ..models.classifier import ClassifierConfig, FashionClassifier
 from .common import epoch_batches, seed_everything, warmup_cosine
 
 

@@ -4,6 +4,11 @@ The encoder maps x [B, C, H, W] to a diagonal Gaussian posterior q(z|x) = N(mu, 
 z [B, latent_channels, H/f, W/f], f = 2^(levels - 1). The decoder maps z back to x. The diffusion
 model works on scaled latents z_s = (z - shift_factor) * scaling_factor, where the factors are
 measured on data after training so that z_s has unit variance.
+
+The architecture is LDM's, block for block, so that `vae/diffusers_interop.py` converts weights to
+and from `diffusers.AutoencoderKL` exactly: ResNet blocks with GroupNorm (eps 1e-6) and SiLU,
+down-sampling by a stride-2 convolution after padding one pixel on the right and bottom, nearest
+up-sampling followed by a convolution, and a mid-block ResNet -> self-attention -> ResNet.
 """
 
 from __future__ import annotations
@@ -14,36 +19,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NORM_EPS = 1e-6
+
 
 @dataclass
 class VAEConfig:
-    in_channels: int = 1
-    channels: tuple[int, ...] = (16, 32, 64)  # width per level; f = 2 ** (len - 1)
-    num_res_blocks: int = 1
+    in_channels: int = 1  # 1 for grayscale, 3 for RGB
+    channels: tuple[int, ...] = (32, 64, 64)  # width per level; f = 2 ** (len - 1)
+    num_res_blocks: int = 1  # per encoder level; the decoder has one more
     latent_channels: int = 4
     mid_attention: bool = True
+    norm_groups: int = 16  # GroupNorm groups everywhere; must divide every width
+    quant_conv: bool = False  # 1x1 convolutions around the latent, as in LDM and Stable Diffusion
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
+        bad = [c for c in self.channels if c % self.norm_groups]
+        if not self.channels or bad or self.num_res_blocks < 1 or self.latent_channels < 1:
+            raise ValueError(f"Invalid VAEConfig: every width in channels={self.channels} must be "
+                             f"divisible by norm_groups={self.norm_groups}, with num_res_blocks >= 1 "
+                             f"and latent_channels >= 1.")
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, c // 4) if c >= 8 else 1, c)
+def _norm(cfg: VAEConfig, c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(cfg.norm_groups, c, eps=NORM_EPS)
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, plus a (projected) skip connection."""
+    """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), with a 1x1 projection of x when widths differ."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, cfg: VAEConfig, c_in: int, c_out: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cfg, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cfg, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
@@ -52,28 +66,66 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class SpatialSelfAttention(nn.Module):
-    """Single-head self-attention over the H*W positions of a feature map, with a residual."""
+class Downsample(nn.Module):
+    """Halve H and W: pad right and bottom by one, then a 3x3 convolution with stride 2."""
 
     def __init__(self, c: int):
         super().__init__()
-        self.norm, self.qkv, self.proj = _norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C, H/2, W/2]
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour repeat, then a 3x3 convolution."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C, 2H, 2W]
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the H*W positions of a feature map, with a residual:
+    x + out(softmax(q k^T / sqrt(C)) v), q, k, v = linear maps of GN(x) per position."""
+
+    def __init__(self, cfg: VAEConfig, c: int):
+        super().__init__()
+        self.norm = _norm(cfg, c)
+        self.q, self.k, self.v, self.out = (nn.Linear(c, c) for _ in range(4))
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, HW, C]
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+        attended = F.scaled_dot_product_attention(self.q(tokens), self.k(tokens), self.v(tokens))
+        return x + self.out(attended).transpose(1, 2).reshape(b, c, h, w)
 
 
 class MidBlock(nn.Module):
-    def __init__(self, c: int, attention: bool):
+    def __init__(self, cfg: VAEConfig, c: int):
         super().__init__()
-        self.res1, self.res2 = ResBlock(c, c), ResBlock(c, c)
-        self.attn = SpatialSelfAttention(c) if attention else nn.Identity()
+        self.res1, self.res2 = ResBlock(cfg, c, c), ResBlock(cfg, c, c)
+        self.attn = SpatialSelfAttention(cfg, c) if cfg.mid_attention else nn.Identity()
 
     def forward(self, x):
         return self.res2(self.attn(self.res1(x)))
+
+
+class Level(nn.Module):
+    """ResNet blocks at one resolution, then an optional change of resolution."""
+
+    def __init__(self, cfg: VAEConfig, c_in: int, c_out: int, n_blocks: int, resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(cfg, c_in if j == 0 else c_out, c_out) for j in range(n_blocks))
+        self.resample = resample
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x if self.resample is None else self.resample(x)
 
 
 class Encoder(nn.Module):
@@ -81,18 +133,14 @@ class Encoder(nn.Module):
         super().__init__()
         ch = cfg.channels
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.levels = nn.ModuleList()
-        c = ch[0]
-        for i, c_out in enumerate(ch):
-            blocks = [ResBlock(c if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
-            c = c_out
-            down = nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(ch) - 1 else nn.Identity()
-            self.levels.append(nn.Sequential(*blocks, down))
-        self.mid = MidBlock(c, cfg.mid_attention)
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)
+        self.levels = nn.ModuleList(
+            Level(cfg, ch[max(i - 1, 0)], c, cfg.num_res_blocks, Downsample(c) if i < len(ch) - 1 else None)
+            for i, c in enumerate(ch))
+        self.mid = MidBlock(cfg, ch[-1])
+        self.norm_out = _norm(cfg, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
-    def forward(self, x):  # [B, C, H, W] -> [B, 2 * latent, H/f, W/f]
+    def forward(self, x):  # [B, C, H, W] -> [B, 2 * latent, H/f, W/f] (mean and log-variance)
         h = self.conv_in(x)
         for level in self.levels:
             h = level(h)
@@ -104,17 +152,12 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.channels[::-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid = MidBlock(ch[0], cfg.mid_attention)
-        self.levels = nn.ModuleList()
-        c = ch[0]
-        for i, c_out in enumerate(ch):
-            blocks = [ResBlock(c if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
-            c = c_out
-            up = (nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                nn.Conv2d(c, c, 3, padding=1)) if i < len(ch) - 1 else nn.Identity())
-            self.levels.append(nn.Sequential(*blocks, up))
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.mid = MidBlock(cfg, ch[0])
+        self.levels = nn.ModuleList(
+            Level(cfg, ch[max(i - 1, 0)], c, cfg.num_res_blocks + 1, Upsample(c) if i < len(ch) - 1 else None)
+            for i, c in enumerate(ch))
+        self.norm_out = _norm(cfg, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
 
     def forward(self, z):  # [B, latent, h, w] -> [B, C, h*f, w*f]
         h = self.mid(self.conv_in(z))
@@ -149,6 +192,9 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.config = config or VAEConfig()
         self.encoder, self.decoder = Encoder(self.config), Decoder(self.config)
+        moments, latent = 2 * self.config.latent_channels, self.config.latent_channels
+        self.quant_conv = nn.Conv2d(moments, moments, 1) if self.config.quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.quant_conv else nn.Identity()
 
     def _check(self, x: torch.Tensor, channels: int, what: str):
         f = self.config.downsample_factor if what == "image" else 1
@@ -158,11 +204,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         self._check(x, self.config.in_channels, "image")
-        return DiagonalGaussian(self.encoder(x))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         self._check(z, self.config.latent_channels, "latent")
-        return self.decoder(z)
+        return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x, generator=None):
         posterior = self.encode(x)

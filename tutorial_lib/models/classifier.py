@@ -1,4 +1,5 @@
-"""The Fashion-MNIST classifier: the course's yardstick for generated images.
+"""The Fashion-MNIST classifier: the course's yardstick for generated images, and the feature
+network of the VAE's perceptual loss.
 
 A small residual CNN on 32x32 images in [-1, 1]. Its logits give the class accuracy of samples;
 its penultimate activations (`features`, 128-d after global average pooling) are the feature
