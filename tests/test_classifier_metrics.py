@@ -124,3 +124,31 @@ def test_evaluate_pipeline_is_seeded(shipped_classifier, shipped_vae, tiny_denoi
     assert images.shape == (20, 1, 32, 32)
     assert first["n"] == 20 and first["prompts"] == "class" and first["num_inference_steps"] == 2
     assert 0.0 <= first["class_accuracy"] <= 1.0 and first["fid"] > 0
+
+
+def test_test_set_features_are_cached_on_disk_by_classifier_weights(tmp_path, monkeypatch, real_test):
+    monkeypatch.setenv("TUTORIAL_DATA", str(tmp_path))
+    monkeypatch.setattr(metrics, "load_fashion_mnist", lambda split: (real_test[0][:40], real_test[1][:40]))
+    torch.manual_seed(0)
+    clf = FashionClassifier(ClassifierConfig(channels=(8, 16), blocks_per_level=1)).eval()
+    metrics.test_features.cache_clear()
+    feats, logits = metrics.test_features(clf)
+    assert feats.shape == (40, 16) and logits.shape == (40, 10)
+    [cached] = (tmp_path / "features").glob("classifier-*.safetensors")
+
+    def no_data(split):
+        raise AssertionError("recomputed although the cache was on disk")
+
+    metrics.test_features.cache_clear()
+    monkeypatch.setattr(metrics, "load_fashion_mnist", no_data)
+    again = metrics.test_features(clf)
+    assert torch.equal(again[0], feats) and torch.equal(again[1], logits)
+
+    with torch.no_grad():
+        clf.head[1].bias.add_(1.0)  # new weights: a new key, and the stale file is removed
+    monkeypatch.setattr(metrics, "load_fashion_mnist", lambda split: (real_test[0][:40], real_test[1][:40]))
+    metrics.test_features.cache_clear()  # the in-memory cache is per classifier object
+    metrics.test_features(clf)
+    assert [p.name for p in (tmp_path / "features").glob("*.safetensors")] != [cached.name]
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 1
+    metrics.test_features.cache_clear()

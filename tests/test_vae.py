@@ -144,3 +144,25 @@ def test_shipped_vae_matches_its_targets(shipped_vae, real_test, shipped_classif
     x_hat = reconstruct(shipped_vae, x)
     assert psnr(x, x_hat) >= 26.0
     assert class_accuracy(shipped_classifier, x, labels) - class_accuracy(shipped_classifier, x_hat, labels) <= 0.02
+
+
+def test_evaluate_vae_reports_every_metric_consistently(tiny_vae, real_test, tmp_path, monkeypatch):
+    from tutorial_lib.eval import metrics, reconstruction
+    from tutorial_lib.eval.metrics import class_accuracy
+    from tutorial_lib.models.classifier import ClassifierConfig, FashionClassifier
+
+    few = lambda split: (real_test[0][:60], real_test[1][:60])  # noqa: E731
+    monkeypatch.setenv("TUTORIAL_DATA", str(tmp_path))
+    monkeypatch.setattr(metrics, "load_fashion_mnist", few)
+    monkeypatch.setattr(reconstruction, "load_fashion_mnist", few)
+    torch.manual_seed(0)
+    clf = FashionClassifier(ClassifierConfig(channels=(8, 16), blocks_per_level=1)).eval()
+    result = reconstruction.evaluate_vae(tiny_vae, n=50, classifier=clf)
+    x, labels = to_model_images(real_test[0][:50]), real_test[1][:50]
+    assert result["n"] == 50
+    assert result["psnr_db"] == pytest.approx(psnr(x, reconstruct(tiny_vae, x)))
+    assert result["accuracy_originals"] == pytest.approx(class_accuracy(clf, x, labels))
+    assert result["accuracy_reconstructions"] == pytest.approx(class_accuracy(clf, reconstruct(tiny_vae, x), labels))
+    assert result["fid_reconstructions"] > 0 and result["fid_reals_baseline"] >= 0
+    metrics.test_features.cache_clear()
+    metrics._test_stats.cache_clear()

@@ -48,7 +48,8 @@ def _cmd_train_vae(a):
     vae, _ = train_vae(cfg, device=a.device)
     seconds = time.perf_counter() - start
     metrics = evaluate_vae(vae)
-    save_weights(vae, a.out, "vae", {**metrics, "train_seconds": seconds, "train_config": asdict(cfg)})
+    record = {**asdict(cfg), "model": asdict(vae.config)}  # with --init, the model is the loaded one
+    save_weights(vae, a.out, "vae", {**metrics, "train_seconds": seconds, "train_config": record})
     print(json.dumps({**metrics, "train_seconds": round(seconds), "scaling_factor": vae.config.scaling_factor,
                       "shift_factor": vae.config.shift_factor, "weights": str(a.out)}))
 

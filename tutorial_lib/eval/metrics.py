@@ -13,9 +13,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..data.fashion_mnist import load_fashion_mnist, to_model_images
 from ..models.classifier import FashionClassifier, load_classifier
+from ..paths import data_root
+from ..weights import atomic_write, weights_hash
 
 
 @torch.no_grad()
@@ -33,7 +36,10 @@ def features(classifier: FashionClassifier, images: torch.Tensor, batch_size: in
 
 def class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels) -> float:
     """Fraction of images the classifier puts in the class they were generated for."""
-    _, logits = features(classifier, images)
+    return accuracy_from_logits(features(classifier, images)[1], labels)
+
+
+def accuracy_from_logits(logits: torch.Tensor, labels) -> float:
     return (logits.argmax(1) == torch.as_tensor(labels)).double().mean().item()
 
 
@@ -59,10 +65,19 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 
 @lru_cache(maxsize=2)
 def test_features(classifier: FashionClassifier) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and logits of the 10,000 test images, computed once per classifier (about a
-    minute on a CPU): the FID reference and the originals' accuracy."""
+    """Features and logits of the 10,000 test images: the FID reference and the originals'
+    accuracy. Computed once per classifier (about a minute on a CPU) and cached in memory and under
+    `data/features/classifier-<hash>.safetensors`, keyed like the latent cache by the weights."""
+    path = data_root() / "features" / f"classifier-{weights_hash(classifier)}.safetensors"
+    if path.is_file():
+        cached = load_file(path)
+        return cached["features"], cached["logits"]
     images, _ = load_fashion_mnist("test")
-    return features(classifier, to_model_images(images))
+    feats, logits = features(classifier, to_model_images(images))
+    for stale in path.parent.glob("classifier-*.safetensors"):
+        stale.unlink()
+    atomic_write(path, lambda tmp: save_file({"features": feats, "logits": logits.contiguous()}, tmp))
+    return feats, logits
 
 
 @lru_cache(maxsize=2)
@@ -70,29 +85,39 @@ def _test_stats(classifier: FashionClassifier):
     return gaussian_stats(test_features(classifier)[0])
 
 
+def fid_from_features(classifier: FashionClassifier, feats: torch.Tensor) -> float:
+    """FID between images with these features [N, D] and the test set."""
+    if len(feats) < 2:
+        raise ValueError("FID needs at least 2 images.")
+    return frechet_distance(*gaussian_stats(feats), *_test_stats(classifier))
+
+
 def fid(classifier: FashionClassifier, images: torch.Tensor) -> float:
     """FID in the classifier's feature space between `images` ([-1, 1]) and the test set."""
-    if len(images) < 2:
-        raise ValueError("FID needs at least 2 images.")
-    return frechet_distance(*gaussian_stats(features(classifier, images)[0]), *_test_stats(classifier))
+    return fid_from_features(classifier, features(classifier, images)[0])
 
 
-@lru_cache(maxsize=16)
-def reals_baseline(classifier: FashionClassifier, n: int, seed: int = 0) -> float:
-    """FID of n random real training images against the test set (the best an n-sample run gets)."""
+@lru_cache(maxsize=8)
+def _train_features(classifier: FashionClassifier, n: int, seed: int) -> torch.Tensor:
     images, _ = load_fashion_mnist("train")
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    return fid(classifier, to_model_images(images[idx.numpy()]))
+    return features(classifier, to_model_images(images[idx.numpy()]))[0]
+
+
+def reals_baseline(classifier: FashionClassifier, n: int, seed: int = 0) -> float:
+    """FID of n random real training images against the test set (the best an n-sample run gets)."""
+    return fid_from_features(classifier, _train_features(classifier, n, seed))
 
 
 def evaluate_images(images: torch.Tensor, labels, classifier: FashionClassifier | None = None,
                     seed: int = 0) -> dict:
     """Class accuracy, FID vs the test set and the reals baseline at the same n, in one dict."""
     classifier = classifier or load_classifier()
+    feats, logits = features(classifier, images)
     return {
         "n": len(images),
-        "class_accuracy": class_accuracy(classifier, images, labels),
-        "fid": fid(classifier, images),
+        "class_accuracy": accuracy_from_logits(logits, labels),
+        "fid": fid_from_features(classifier, feats),
         "fid_reals_baseline": reals_baseline(classifier, len(images), seed),
     }
 

@@ -13,7 +13,7 @@ import torch
 
 from ..data.fashion_mnist import load_fashion_mnist, to_model_images
 from ..models.classifier import load_classifier
-from .metrics import class_accuracy, fid, reals_baseline, test_features
+from .metrics import accuracy_from_logits, features, fid_from_features, reals_baseline, test_features
 
 
 def psnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -37,14 +37,13 @@ def evaluate_vae(vae, n: int | None = None, classifier=None) -> dict:
     classifier = classifier or load_classifier()
     images, labels = load_fashion_mnist("test")
     x = to_model_images(images[:n])
-    labels = labels[:n]
     x_hat = reconstruct(vae, x)
-    originals_logits = test_features(classifier)[1][:n]
+    feats, logits = features(classifier, x_hat)
     return {
         "n": len(x),
         "psnr_db": psnr(x, x_hat),
-        "accuracy_originals": (originals_logits.argmax(1) == torch.as_tensor(labels)).double().mean().item(),
-        "accuracy_reconstructions": class_accuracy(classifier, x_hat, labels),
-        "fid_reconstructions": fid(classifier, x_hat),
+        "accuracy_originals": accuracy_from_logits(test_features(classifier)[1][:n], labels[:n]),
+        "accuracy_reconstructions": accuracy_from_logits(logits, labels[:n]),
+        "fid_reconstructions": fid_from_features(classifier, feats),
         "fid_reals_baseline": reals_baseline(classifier, len(x)),
     }
