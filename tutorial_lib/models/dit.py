@@ -1,0 +1,316 @@
+"""Notebook 03's denoiser: a Diffusion Transformer (DiT) over patches of the latent, text-conditioned.
+
+DiT (Peebles & Xie, 2023, "Scalable Diffusion Models with Transformers") cuts the latent
+x [B, C, H, W] into N = (H/p)(W/p) patches of p x p, embeds each as a token of width D, adds a
+fixed 2D sin-cos position embedding, runs `depth` transformer blocks and maps every token back
+to its p x p x C patch. The noise level t and a pooled caption vector form one conditioning
+vector c = t_emb + y_emb, which every block turns into its own shifts, scales and gates
+(adaLN-Zero, below). The caption tokens also enter every block through cross-attention, as in
+PixArt-alpha (Chen et al., 2023).
+
+One block, with c's modulation (shift, scale, gate) x (attention, MLP) = adaLN_modulation(c):
+
+    x = x + gate_msa * SelfAttn(modulate(LN(x), shift_msa, scale_msa))
+    x = x + CrossAttn(LN'(x), text tokens, text mask)
+    x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
+
+adaLN-Zero: the linear layers that produce the modulation are zero-initialised, so every gate
+starts at 0 and every block starts as the identity; the cross-attention's output projection and
+the final layer are zero-initialised too. A freshly built DiT therefore outputs exactly 0 for any
+input. The model does not know what it predicts (x0, eps, v or a flow velocity): that is the
+parametrization's business (`tutorial_lib.diffusion.parametrizations`). A zero output is the
+parametrization's "no correction": for example x0_hat = c_skip x + c_out F(x) starts as the skip
+path c_skip x (EDM, Karras et al., 2022), and eps-prediction starts by predicting no noise.
+
+Options beyond the paper, each a config field: 2D RoPE instead of the additive sin-cos embedding
+(pos_embed="rope"), QK-norm (qk_norm="layer" or "rms"), grouped-query attention
+(num_kv_heads < num_heads), and cross_attention=False for the paper's adaLN-only conditioning.
+
+Written for this course from the papers. facebookresearch/DiT's code (CC BY-NC) was read, not
+copied; module names (x_embedder, t_embedder, y_embedder, adaLN_modulation, final_layer) follow
+it so readers can map one onto the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..text.word_encoder import TextEmbedding
+from .layers import MLP, Attention, modulate, rope_2d, sincos_2d, timestep_embedding
+
+POS_EMBEDS = ("sincos", "rope")
+QK_NORMS = ("none", "layer", "rms")
+
+
+@dataclass
+class DiTConfig:
+    """A DiT's shape. Field names follow DiT's code (hidden_size, depth, num_heads, mlp_ratio)."""
+
+    in_channels: int = 4  # latent channels C; the output has the same
+    input_size: tuple[int, int] = (8, 8)  # the latent (H, W) it is meant for; any multiple of patch_size runs
+    patch_size: int = 2  # p: each p x p patch of the latent is one token
+    hidden_size: int = 128  # D, the token width
+    depth: int = 4  # number of DiT blocks
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: = num_heads (multi-head); fewer: grouped-query attention
+    mlp_ratio: float = 4.0
+    text_dim: int = 128  # D_text of the caption tokens (the text encoder's width)
+    cross_attention: bool = True  # False: text enters only through the pooled vector in adaLN (as DiT)
+    qk_norm: str = "none"  # "none" | "layer" | "rms"
+    pos_embed: str = "sincos"  # "sincos": added to the tokens once; "rope": 2D RoPE in self-attention
+    rope_theta: float = 10_000.0
+    frequency_embedding_size: int = 256  # width of the sinusoidal t embedding fed to t_embedder
+
+    def __post_init__(self):
+        # JSON (the safetensors metadata) turns tuples into lists; an int means a square latent.
+        size = self.input_size
+        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
+        p = self.patch_size
+        if len(self.input_size) != 2 or p < 1 or any(s % p for s in self.input_size):
+            raise ValueError(f"input_size {self.input_size} must be (H, W), each divisible by "
+                             f"patch_size {p}.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}.")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"Unknown qk_norm {self.qk_norm!r}; choose one of {', '.join(QK_NORMS)}.")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; choose one of {', '.join(POS_EMBEDS)}.")
+        if self.pos_embed == "sincos" and self.hidden_size % 4:
+            raise ValueError(f"2D sin-cos position embedding needs hidden_size divisible by 4, "
+                             f"got {self.hidden_size}.")
+        if self.pos_embed == "rope" and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got "
+                             f"{self.hidden_size} / {self.num_heads}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# (hidden_size, depth, num_heads) of DiT's Table 1 (Peebles & Xie, 2023), with head dim 64, 64, 64, 72.
+_PAPER_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+_SIZES = {name: DiTConfig(hidden_size=d, depth=n, num_heads=h) for name, (d, n, h) in _PAPER_SIZES.items()}
+# XXL: the widths of Lumina-Image 2.0's 2.6B Unified Next-DiT (Qin et al., 2025; Alpha-VLLM's
+# NextDiT_2B_GQA_patch2_Adaln_Refiner: dim 2304, 26 layers, 24 heads, 8 KV heads, QK-norm (RMS),
+# 2D RoPE), with this file's block (separate cross-attention, GELU MLP) rather than Lumina's joint
+# attention and SwiGLU, so its parameter count differs. It is the preset that exercises GQA,
+# QK-norm and RoPE together; the paper sizes are plain DiT (MHA, sin-cos, no QK-norm).
+_SIZES["XXL"] = DiTConfig(hidden_size=2304, depth=26, num_heads=24, num_kv_heads=8, qk_norm="rms",
+                          pos_embed="rope")
+
+# Named sizes. "tiny" trains on a laptop CPU (notebook 03); the others are DiT's, at patch 1, 2, 4.
+PRESETS: dict[str, DiTConfig] = {"tiny": DiTConfig()}
+PRESETS.update({f"DiT-{name}/{p}": dataclasses.replace(cfg, patch_size=p)
+                for name, cfg in _SIZES.items() for p in (1, 2, 4)})
+
+
+def preset(name: str, **overrides) -> DiTConfig:
+    """A fresh copy of the named config, with `overrides` (any DiTConfig field) applied.
+
+    preset("DiT-S/2", text_dim=384) is DiT-S/2 reading a 384-wide text encoder.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown DiT preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention, cross-attention to the text, MLP; adaLN-Zero gates on the first and last."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d, attn = cfg.hidden_size, dict(kv_heads=cfg.num_kv_heads, qk_norm=cfg.qk_norm)
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)  # adaLN supplies the affine
+        self.attn = Attention(d, cfg.num_heads, **attn)
+        if cfg.cross_attention:
+            self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+            self.cross_attn = Attention(d, cfg.num_heads, cfg.text_dim, **attn)
+        else:
+            self.norm_cross = self.cross_attn = None
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(d, cfg.mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x, c, text: TextEmbedding, rope=None):
+        """x [B, N, D], c [B, D], text tokens [B, L, D_text] with mask [B, L] -> [B, N, D]."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [B, D]
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), text.tokens, text.mask)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LN, modulated by c (shift, scale), then a linear map of each token to its p x p x C patch."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.linear = nn.Linear(d, cfg.patch_size ** 2 * cfg.in_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x [B, D]
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, N, p*p*C]
+
+
+class DiT(nn.Module):
+    """forward(x [B, C, H, W], t [B] in [0, 1], TextEmbedding(tokens [B, L, D_text], mask [B, L]))
+    -> [B, C, H, W]. H and W may be any multiples of patch_size."""
+
+    def __init__(self, config: DiTConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or DiTConfig()
+        d, p = cfg.hidden_size, cfg.patch_size
+        # A p x p convolution with stride p = one linear map applied to each flattened patch.
+        self.x_embedder = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
+        self.t_embedder = nn.Sequential(nn.Linear(cfg.frequency_embedding_size, d), nn.SiLU(), nn.Linear(d, d))
+        self.y_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self._positions: dict = {}  # (h, w, device) -> position embedding or RoPE table; never saved
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """All initialisation in one place, as DiT's: Xavier-uniform linear layers with zero biases
+        (the patch embedding as the linear map it is), N(0, 0.02) for the t and y embedders, and
+        zeros for every adaLN modulation, the cross-attention output and the final layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for embedder in (self.t_embedder, self.y_embedder):
+            nn.init.normal_(embedder[0].weight, std=0.02)
+            nn.init.normal_(embedder[2].weight, std=0.02)
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        zeroed += [block.cross_attn.out for block in self.blocks if block.cross_attn is not None]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def positions(self, h: int, w: int, device) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """For an h x w grid of patches: the sin-cos embedding [h*w, D], or RoPE's (cos, sin)."""
+        key = (h, w, str(device))
+        if key not in self._positions:
+            cfg = self.config
+            if cfg.pos_embed == "rope":
+                value = tuple(t.to(device) for t in rope_2d(h, w, cfg.head_dim, cfg.rope_theta))
+            else:
+                value = sincos_2d(h, w, cfg.hidden_size).to(device)
+            self._positions[key] = value
+        return self._positions[key]
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding):
+        cfg, p = self.config, self.config.patch_size
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"Expected latents [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}.")
+        if x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"Latent size {tuple(x.shape[2:])} is not divisible by the patch size {p}.")
+        tokens, mask = text
+        if tokens.ndim != 3 or tokens.shape[2] != cfg.text_dim:
+            raise ValueError(f"Expected text tokens [B, L, {cfg.text_dim}], got {tuple(tokens.shape)}.")
+        if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
+            raise ValueError(f"Expected a bool text mask {tuple(tokens.shape[:2])}, got "
+                             f"{mask.dtype} {tuple(mask.shape)}.")
+        if t.shape != (x.shape[0],) or tokens.shape[0] != x.shape[0]:
+            raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, text {tokens.shape[0]}.")
+        # One host sync per forward: a caption with no real token would make attention NaN.
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("Every caption needs at least one real token (mask row all False); "
+                             "the word encoder's <bos> gives even the empty prompt one.")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
+        """x_t [B, C, H, W], noise level t [B] in [0, 1], caption tokens -> F(x_t) [B, C, H, W]."""
+        self.check_inputs(x, t, text)
+        cfg, p = self.config, self.config.patch_size
+        b, c_in, height, width = x.shape
+        h, w = height // p, width // p
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, N = h*w, D]
+        pos = self.positions(h, w, x.device)
+        rope = pos if cfg.pos_embed == "rope" else None
+        if rope is None:
+            tokens = tokens + pos.to(tokens.dtype)  # + [N, D]
+
+        # Conditioning c = t_emb + y_emb, y = masked mean of the caption tokens.
+        dtype = self.t_embedder[0].weight.dtype
+        t_emb = self.t_embedder(timestep_embedding(t, cfg.frequency_embedding_size).to(dtype))  # [B, D]
+        mask = text.mask[..., None].to(text.tokens.dtype)  # [B, L, 1]
+        pooled = (text.tokens * mask).sum(1) / mask.sum(1)  # [B, D_text]
+        c = t_emb + self.y_embedder(pooled.to(dtype))  # [B, D]
+
+        for block in self.blocks:
+            tokens = block(tokens, c, text, rope)  # [B, N, D]
+        out = self.final_layer(tokens, c)  # [B, N, p*p*C]
+        out = out.reshape(b, h, w, p, p, c_in)  # [B, h, w, p, p, C]
+        return torch.einsum("bhwpqc->bchpwq", out).reshape(b, c_in, height, width)  # [B, C, H, W]
+
+
+# ----------------------------------------------------------------------------- cost
+@dataclass(frozen=True)
+class DiTCost:
+    """Parameters and forward FLOPs per image, FLOPs split by part (see `dit_cost`)."""
+
+    params: int
+    flops_by_part: dict[str, int]
+
+    @property
+    def flops(self) -> int:
+        return sum(self.flops_by_part.values())
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+
+def dit_cost(config: DiTConfig, input_size: int | tuple[int, int] | None = None,
+             text_len: int = 16) -> DiTCost:
+    """Parameters, and the FLOPs of one image's forward pass at `input_size` (default the config's)
+    with `text_len` caption tokens, computed from the config.
+
+    Parameters are counted on a model built on the meta device (no memory, no arithmetic). FLOPs
+    count every matrix multiply and the patch convolution at 2 FLOPs per multiply-add, as
+    `torch.utils.flop_counter.FlopCounterMode` does; elementwise work (norms, softmax, GELU, SiLU,
+    modulation, RoPE, pooling) is left out by both. With N = (H/p)(W/p) tokens, L caption tokens,
+    width D, text width D_t, K = D * num_kv_heads / num_heads, M = int(D * mlp_ratio), per block:
+
+        self-attention projections  2N(D*D + D*2K + D*D)     attention  2 * 2 N N D
+        cross-attention projections 2(N D*D + L D_t*2K + N D*D)  attention  2 * 2 N L D
+        MLP                         2 * 2 N D M               adaLN      2 D * 6D
+
+    Note DiT's paper (Table 4) reports multiply-adds as "Gflops": DiT-XL/2 at 32x32 latents
+    (without cross-attention) is 118.6 there and 2 x 118.6 here.
+    """
+    cfg = dataclasses.replace(config, input_size=input_size or config.input_size)
+    (height, width), p = cfg.input_size, cfg.patch_size
+    n, ell, d, dt = (height // p) * (width // p), text_len, cfg.hidden_size, cfg.text_dim
+    k = d * (cfg.num_kv_heads or cfg.num_heads) // cfg.num_heads
+    m = int(d * cfg.mlp_ratio)
+    per_block = {
+        "adaLN": 2 * d * 6 * d,
+        "self_attn_proj": 2 * n * (d * d + d * 2 * k + d * d),
+        "self_attn_sdpa": 2 * 2 * n * n * d,
+        "cross_attn_proj": 2 * (n * d * d + ell * dt * 2 * k + n * d * d),
+        "cross_attn_sdpa": 2 * 2 * n * ell * d,
+        "mlp": 2 * 2 * n * d * m,
+    }
+    if not cfg.cross_attention:
+        per_block["cross_attn_proj"] = per_block["cross_attn_sdpa"] = 0
+    flops = {"patch_embed": 2 * n * d * cfg.in_channels * p * p,
+             "t_y_embedders": 2 * (cfg.frequency_embedding_size * d + d * d + dt * d + d * d)}
+    flops.update({part: cfg.depth * f for part, f in per_block.items()})
+    flops["final_layer"] = 2 * d * 2 * d + 2 * n * d * p * p * cfg.in_channels
+    with torch.device("meta"):
+        params = sum(t.numel() for t in DiT(cfg).parameters())
+    return DiTCost(params, flops)
