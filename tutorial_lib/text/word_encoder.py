@@ -1,38 +1,26 @@
 """A small word-level text encoder, trained jointly with the denoiser.
 
-Every text encoder in the course returns a `TextEmbedding`: token embeddings [B, L, D] and a
-boolean mask [B, L] (True = a real token). Here a prompt is lower-cased, split into words, and
-prefixed with a begin token, so even the empty prompt "" has one token: the null condition that
-classifier-free guidance trains on and samples with (Ho & Salimans, 2022).
+Every text encoder in the course returns a `TextEmbedding` (see `text/base.py`): token embeddings
+[B, L, D] and a boolean mask [B, L] (True = a real token). Here a prompt is lower-cased, split into
+words, and prefixed with a begin token, so even the empty prompt "" has one token: the null
+condition that classifier-free guidance trains on and samples with (Ho & Salimans, 2022).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..data.captions import all_training_captions
+from .base import TextEmbedding, TextEncoder, check_prompts
+
+__all__ = ["BOS", "PAD", "UNK", "TextEmbedding", "check_prompts", "words", "default_vocab",
+           "WordEncoderConfig", "WordEncoder"]
 
 BOS, PAD, UNK = "<bos>", "<pad>", "<unk>"
-
-
-class TextEmbedding(NamedTuple):
-    tokens: torch.Tensor  # [B, L, D]
-    mask: torch.Tensor  # [B, L] bool, True where a token is real
-
-
-def check_prompts(prompt) -> list[str]:
-    """A prompt or a non-empty list of prompts, as a list; anything else is a clear error."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"A prompt is a str or a list of str, got {prompt!r:.80}.")
-    if len(prompts) == 0:
-        raise ValueError("The list of prompts is empty.")
-    return list(prompts)
 
 
 def words(text: str) -> list[str]:
@@ -56,8 +44,10 @@ class WordEncoderConfig:
         self.vocab = tuple(self.vocab) or default_vocab()
 
 
-class WordEncoder(nn.Module):
+class WordEncoder(TextEncoder):
     """Word embeddings + learned positions + `depth` pre-norm transformer layers."""
+
+    name = "word"
 
     def __init__(self, config: WordEncoderConfig | None = None):
         super().__init__()
@@ -69,6 +59,10 @@ class WordEncoder(nn.Module):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
 
     def tokenize(self, prompt) -> torch.Tensor:
         """Prompt(s) -> token ids [B, max_len]: <bos>, the words (unknown ones as <unk>), <pad>s."""
