@@ -74,9 +74,11 @@ class DiTConfig:
             raise ValueError(f"input_size {self.input_size} must be (H, W), each divisible by "
                              f"patch_size {p}.")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}.")
         if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}.")
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                             f"{self.num_kv_heads}.")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"Unknown qk_norm {self.qk_norm!r}; choose one of {', '.join(QK_NORMS)}.")
         if self.pos_embed not in POS_EMBEDS:
@@ -172,7 +174,8 @@ class DiT(nn.Module):
         d, p = cfg.hidden_size, cfg.patch_size
         # A p x p convolution with stride p = one linear map applied to each flattened patch.
         self.x_embedder = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
-        self.t_embedder = nn.Sequential(nn.Linear(cfg.frequency_embedding_size, d), nn.SiLU(), nn.Linear(d, d))
+        f = cfg.frequency_embedding_size
+        self.t_embedder = nn.Sequential(nn.Linear(f, d), nn.SiLU(), nn.Linear(d, d))
         self.y_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
@@ -204,13 +207,16 @@ class DiT(nn.Module):
         """For an h x w grid of patches: the sin-cos embedding [h*w, D], or RoPE's (cos, sin)."""
         key = (h, w, str(device))
         if key not in self._positions:
-            cfg = self.config
-            if cfg.pos_embed == "rope":
-                value = tuple(t.to(device) for t in rope_2d(h, w, cfg.head_dim, cfg.rope_theta))
-            else:
-                value = sincos_2d(h, w, cfg.hidden_size).to(device)
-            self._positions[key] = value
+            # Built outside inference mode: a cached inference tensor would break later training.
+            with torch.inference_mode(False):
+                self._positions[key] = self._make_positions(h, w, device)
         return self._positions[key]
+
+    def _make_positions(self, h: int, w: int, device):
+        cfg = self.config
+        if cfg.pos_embed == "rope":
+            return tuple(t.to(device) for t in rope_2d(h, w, cfg.head_dim, cfg.rope_theta))
+        return sincos_2d(h, w, cfg.hidden_size).to(device)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding):
         cfg, p = self.config, self.config.patch_size
@@ -225,7 +231,8 @@ class DiT(nn.Module):
             raise ValueError(f"Expected a bool text mask {tuple(tokens.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}.")
         if t.shape != (x.shape[0],) or tokens.shape[0] != x.shape[0]:
-            raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, text {tokens.shape[0]}.")
+            raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, "
+                             f"text {tokens.shape[0]}.")
         # One host sync per forward: a caption with no real token would make attention NaN.
         if not bool(mask.any(dim=1).all()):
             raise ValueError("Every caption needs at least one real token (mask row all False); "
