@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tutorial_lib.models.dit import PRESETS, DiT, DiTConfig, dit_cost, preset
 from tutorial_lib.models.layers import Attention, apply_rope, rope_2d
-from tutorial_lib.text.word_encoder import TextEmbedding
+from tutorial_lib.text.base import TextEmbedding
 from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
 
 TEXT_DIM = 16

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..text.word_encoder import TextEmbedding
+from ..text.base import TextEmbedding, masked_mean
 from .layers import MLP, Attention, modulate, rope_2d, sincos_2d, timestep_embedding
 
 POS_EMBEDS = ("sincos", "rope")
@@ -250,12 +250,10 @@ class DiT(nn.Module):
         if rope is None:
             tokens = tokens + pos.to(tokens.dtype)  # + [N, D]
 
-        # Conditioning c = t_emb + y_emb, y = masked mean of the caption tokens.
+        # Conditioning c = t_emb + y_emb, y = the mean of the real caption tokens.
         dtype = self.t_embedder[0].weight.dtype
         t_emb = self.t_embedder(timestep_embedding(t, cfg.frequency_embedding_size).to(dtype))  # [B, D]
-        mask = text.mask[..., None].to(text.tokens.dtype)  # [B, L, 1]
-        pooled = (text.tokens * mask).sum(1) / mask.sum(1)  # [B, D_text]
-        c = t_emb + self.y_embedder(pooled.to(dtype))  # [B, D]
+        c = t_emb + self.y_embedder(masked_mean(text).to(dtype))  # [B, D_text] -> [B, D]
 
         for block in self.blocks:
             tokens = block(tokens, c, text, rope)  # [B, N, D]
