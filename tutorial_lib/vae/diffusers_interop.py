@@ -29,7 +29,8 @@ KEY_MAP = [
 ]
 
 
-def _to_diffusers_key(key: str) -> str:
+def to_diffusers_key(key: str) -> str:
+    """Our state-dict key -> diffusers' (e.g. encoder.levels.0.blocks.0.* -> encoder.down_blocks.0.resnets.0.*)."""
     for ours, theirs in KEY_MAP:
         key = re.sub(ours, theirs, key)
     return key
@@ -54,7 +55,7 @@ def to_diffusers(vae: AutoencoderKL):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     theirs = DiffusersAutoencoderKL(**diffusers_config(vae.config))
-    state = {_to_diffusers_key(k): v for k, v in vae.state_dict().items()}
+    state = {to_diffusers_key(k): v for k, v in vae.state_dict().items()}
     theirs.load_state_dict(state, strict=True)
     return theirs.eval()
 
@@ -76,7 +77,7 @@ def from_diffusers(theirs) -> AutoencoderKL:
     ours = AutoencoderKL(config)
     state = {k: v.float()[:, :, 0, 0] if ".attentions." in k and v.ndim == 4 else v.float()
              for k, v in theirs.state_dict().items()}
-    by_their_key = {_to_diffusers_key(k): k for k in ours.state_dict()}
+    by_their_key = {to_diffusers_key(k): k for k in ours.state_dict()}
     missing = set(by_their_key) - set(state)
     unexpected = set(state) - set(by_their_key)
     if missing or unexpected:

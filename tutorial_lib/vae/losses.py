@@ -72,7 +72,7 @@ class PerceptualLoss(nn.Module):
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al., 2017): strided convolutions down to a map of logits, one per
-    overlapping patch. For 32x32 input and 2 down-sampling layers each logit sees a 22x22 patch."""
+    overlapping patch. With n_down = 2, a 32x32 input gives 8x8 logits, each seeing a 26x26 patch."""
 
     def __init__(self, in_channels: int = 1, width: int = 32, n_down: int = 2):
         super().__init__()
