@@ -1,0 +1,540 @@
+"""The training loop of notebook 03 onwards and of the CLI, in one file to read top to bottom.
+
+`Trainer(model, loss_fn, data, TrainerConfig(...), sample_fn).fit()` minimises
+`loss_fn(model, batch, generator) -> loss` (or `(loss, {name: value})`). One optimizer step:
+
+    indices <- the next global batch of `batch_size` examples (shuffled epochs, seeded)
+    for each of grad_accum_steps micro-batches (this rank's shard of the global batch):
+        with autocast: loss = loss_fn(model, data[indices], generator)
+        (loss / grad_accum_steps).backward()         # DDP all-reduces gradients on the last one
+    loss and metrics, averaged over micro-batches and ranks: not finite -> stop (NonFiniteError)
+    clip the gradient norm (unscaled first under fp16): not finite -> stop
+    lr <- schedule(step); optimizer step; EMA update
+    every log_every steps:        mean scalars -> progress bar, TensorBoard, history.jsonl
+    every sample_every steps:     sample_fn(EMA model, step) -> samples/step_XXXXXXXX.png (+ TensorBoard)
+    every checkpoint_every steps: a checkpoint directory, written whole or not at all
+
+`batch_size` is the global batch of one optimizer step: ranks x grad_accum_steps x micro-batch, so
+one process with grad_accum_steps=2 and two processes (torchrun, see distributed.py) with 1 take
+the same step.
+
+A checkpoint, out_dir/checkpoints/step_XXXXXXXX/, holds
+    model.safetensors      the model's state_dict
+    ema.safetensors        the EMA model's state_dict
+    optimizer.safetensors  the optimizer state's tensors, keyed "<parameter index>.<name>"
+    trainer.json           the rest: step, configs, the optimizer's param groups and non-tensor
+                           state, GradScaler state, every rank's RNG states (base64), data order,
+                           the history and the scalars not yet logged
+and out_dir/checkpoints/latest names the newest. Nothing is pickled. Each checkpoint is written
+into a temporary directory that is then renamed into place, and `latest` is replaced atomically
+after it, so a crash at any moment leaves the previous checkpoint and pointer intact.
+
+Resume (`load_checkpoint`) is exact: weights, EMA, optimizer moments, the step (the learning rate
+is a function of the step, so there is no scheduler state beyond it), the RNG states of every rank
+(torch's global CPU and CUDA generators and loss_fn's generator) and the position in the data
+order. A run stopped and resumed ends bit for bit where an uninterrupted run ends, as long as
+loss_fn takes its randomness from the generator it is given or torch's global RNG (not from
+Python's `random` or NumPy).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..weights import atomic_write
+from . import distributed
+from .common import EMA, ShuffledBatches, warmup_cosine
+
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer.json")
+FORMAT = 1  # version of the checkpoint layout
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient norm became NaN or infinite; training stopped before that update."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or written for another model or run."""
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # global batch of one step = ranks x grad_accum_steps x micro-batch
+    grad_accum_steps: int = 1
+    lr: float = 1e-3  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
+    weight_decay: float = 0.01  # on parameters with >= 2 dimensions; none on biases and norms
+    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
+    schedule: str = "cosine"  # after warm-up: "constant", or "cosine" down to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping (the norm is still logged)
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # "no" | "bf16" (CPU or GPU) | "fp16" (GPU only, with a GradScaler)
+    compile: bool = False  # torch.compile the model that trains (the EMA copy stays eager)
+    compile_backend: str = "inductor"
+    log_every: int = 50  # steps per history record (the means over those steps)
+    sample_every: int | None = None  # steps between sample grids (with a sample_fn); None: never
+    checkpoint_every: int | None = 500  # None: never
+    keep_checkpoints: int | None = 3  # the newest ones kept; None: all
+    out_dir: str = "runs/train"
+    tensorboard: bool = True  # scalars and samples to out_dir/tensorboard, if tensorboard is installed
+    seed: int = 0
+    device: str | None = None  # None: this rank's GPU if there is one, else the CPU
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)  # JSON gives a list
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}"),
+            (self.batch_size % self.grad_accum_steps == 0,
+             f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.mixed_precision in PRECISIONS,
+             f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+        ]
+        checks += [(getattr(self, name) is None or getattr(self, name) >= 1,
+                    f"{name} must be >= 1 or None, got {getattr(self, name)}")
+                   for name in ("sample_every", "checkpoint_every", "keep_checkpoints")]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("Bad TrainerConfig: " + "; ".join(problems) + ".")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based)."""
+        if self.schedule == "cosine":
+            return self.lr * warmup_cosine(step, self.steps, self.warmup_steps, self.min_lr_ratio)
+        return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
+
+
+class Trainer:
+    """Trains `model` on `loss_fn` over `data` (see the module docstring for one step).
+
+    model: any nn.Module; moved to the trainer's device. If it has a `config` dataclass, that is
+        recorded in checkpoints, so loading a checkpoint of another config fails clearly.
+    loss_fn(model, batch, generator) -> loss, or (loss, {name: scalar}): a scalar over one
+        micro-batch, mean-reduced. `model` is the module to call (wrapped by DDP or torch.compile:
+        use `trainer.model` for its attributes). `generator` is a seeded CPU torch.Generator, one
+        per rank, for every random draw (noise, timesteps, caption dropout). Metrics must have the
+        same names at every call.
+    data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, or an
+        object with __len__ whose __getitem__ takes a LongTensor of indices.
+    sample_fn(ema_model, step) -> images [N, C, H, W] in [-1, 1], optional: called on rank 0 under
+        torch.no_grad, with the RNG states forked so that sampling never changes training.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, config: TrainerConfig | None = None,
+                 sample_fn: Callable | None = None):
+        self.cfg = cfg = config or TrainerConfig()
+        self.loss_fn, self.data, self.sample_fn = loss_fn, data, sample_fn
+        self.dist = distributed.setup()
+        self.device = torch.device(cfg.device) if cfg.device else self.dist.default_device()
+        if cfg.mixed_precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"mixed_precision='fp16' needs a CUDA GPU (its GradScaler), not {self.device}; "
+                             "use 'bf16' or 'no' on the CPU.")
+        if cfg.mixed_precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("This GPU does not support bfloat16; use mixed_precision='fp16' or 'no'.")
+        shards = cfg.grad_accum_steps * self.dist.world_size
+        if cfg.batch_size % shards:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps x ranks "
+                             f"= {cfg.grad_accum_steps} x {self.dist.world_size}.")
+        self.batches = ShuffledBatches(num_examples(data), cfg.batch_size, cfg.seed)
+
+        # Randomness, per rank: torch's global RNG (dropout, say) and loss_fn's generator, whose
+        # seed is drawn from the former so that one seed gives two independent streams.
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+
+        self.model = model.to(self.device).train()  # the module itself: checkpoints and EMA use it
+        self.net = distributed.wrap(self.model, self.dist, self.device)  # what loss_fn calls
+        # On every micro-batch but the last, DDP skips its all-reduce and gradients just accumulate.
+        self._no_sync = self.net.no_sync if self.dist.enabled else nullcontext
+        self.ema = EMA(self.model, cfg.ema_decay)  # after DDP's broadcast: every rank starts alike
+        if cfg.compile:
+            self.net = torch.compile(self.net, backend=cfg.compile_backend)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.params if p.ndim >= 2]},
+                  {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+
+        self.step = 0  # optimizer steps done
+        self.history: list[dict] = []  # one record of mean scalars per log_every steps
+        self._pending = {"sums": {}, "counts": {}}  # scalars since the last record
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """The EMA of the weights (eval mode): what to sample with."""
+        return self.ema.model
+
+    # ------------------------------------------------------------------------------ the loop
+    def fit(self) -> list[dict]:
+        """Train until config.steps; return the history (a dict of mean scalars per record)."""
+        cfg, main = self.cfg, self.dist.is_main
+        if self.step == 0 and (self.checkpoint_dir / "latest").exists():
+            raise FileExistsError(f"{self.checkpoint_dir} already holds checkpoints: resume with "
+                                  "trainer.load_checkpoint() first, or use a new (or emptied) out_dir.")
+        if main and self.step == 0:
+            self._write_history()  # a fresh history.jsonl
+        self.model.train()
+        writer = self._tensorboard() if main else None
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not main)
+        try:
+            while self.step < cfg.steps:
+                self._add_pending(self._train_step())
+                bar.update()
+                done = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or done:
+                    record = self._log(writer)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
+                if self.sample_fn is not None and cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
+                    self._sample(writer)
+                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or done):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return self.history
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step; its scalars (loss, metrics, grad_norm, lr), the same on every rank."""
+        cfg, accum = self.cfg, self.cfg.grad_accum_steps
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # The global batch as [accum, ranks, micro-batch]: this rank takes column `rank`.
+        shards = self.batches.next().view(accum, self.dist.world_size, -1)[:, self.dist.rank]
+        total = 0.0
+        for i, idx in enumerate(shards):
+            batch = _tree_map(lambda t: t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t,
+                              _tree_map(lambda leaf: leaf[idx], self.data))
+            with self._no_sync() if i < accum - 1 else nullcontext():
+                with self._autocast():
+                    loss, metrics = self._loss(batch)
+                (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+            values = [loss.detach().float(), *(torch.as_tensor(v).detach().float().to(self.device)
+                                               for v in metrics.values())]
+            total = total + torch.stack(values)  # [1 + metrics]
+        # One host sync a step: these scalars, averaged over micro-batches and ranks.
+        scalars = dict(zip(["loss", *metrics], distributed.all_reduce_mean(total / accum, self.dist).tolist()))
+        if not math.isfinite(scalars["loss"]):
+            raise NonFiniteError(self._stop_message("loss", scalars["loss"]))
+
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf).item()
+        if self.scaler:  # a non-finite norm under fp16: the scaler skips this step and lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            scalars["loss_scale"] = self.scaler.get_scale()
+        elif math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            raise NonFiniteError(self._stop_message("gradient norm", grad_norm))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        if math.isfinite(grad_norm):
+            scalars["grad_norm"] = grad_norm
+        return {**scalars, "lr": lr}
+
+    def _loss(self, batch) -> tuple[torch.Tensor, dict]:
+        out = self.loss_fn(self.net, batch, self.generator)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        if not (torch.is_tensor(loss) and loss.ndim == 0):
+            raise ValueError(f"loss_fn must return a scalar tensor, or (loss, metrics); got "
+                             f"{tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__}.")
+        return loss, metrics
+
+    def _autocast(self):
+        if self.cfg.mixed_precision == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _stop_message(self, what: str, value: float) -> str:
+        latest = self.checkpoint_dir / "latest"
+        kept = (f"the last good checkpoint, {self.checkpoint_dir / latest.read_text().strip()}, is untouched"
+                if latest.is_file() else "no checkpoint had been written")
+        return (f"Step {self.step + 1}: the {what} is {value}. Training stopped before this update; {kept}. "
+                "Try a lower lr, a longer warm-up, gradient clipping, or mixed_precision='no'.")
+
+    # ------------------------------------------------------------------------------ logs, samples
+    def _add_pending(self, scalars: dict[str, float]):
+        sums, counts = self._pending["sums"], self._pending["counts"]
+        for name, value in scalars.items():
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+
+    def _log(self, writer) -> dict:
+        """Append the means of the pending scalars to the history (and its file, and TensorBoard)."""
+        sums, counts = self._pending["sums"], self._pending["counts"]
+        record = {"step": self.step, **{name: sums[name] / counts[name] for name in sums}}
+        self.history.append(record)
+        self._pending = {"sums": {}, "counts": {}}
+        if self.dist.is_main:
+            with open(self.out_dir / "history.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for name, value in record.items():
+                    if name != "step":
+                        writer.add_scalar(f"train/{name}", value, self.step)
+        return record
+
+    def _write_history(self):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(record) + "\n" for record in self.history)
+        atomic_write(self.out_dir / "history.jsonl", lambda tmp: Path(tmp).write_text(lines))
+
+    def _tensorboard(self):
+        """A SummaryWriter on out_dir/tensorboard, or None (with one message) without the package."""
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("TensorBoard logging skipped: the tensorboard package is not installed "
+                  "(pip install 'tutorial_lib[tensorboard]'); the scalars are still in history.jsonl.")
+            return None
+        # purge_step: a resumed run hides what the interrupted one logged after its checkpoint.
+        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
+
+    @torch.no_grad()
+    def _sample(self, writer):
+        if not self.dist.is_main:
+            return
+        import torchvision
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            images = self.sample_fn(self.ema.model, self.step)  # [N, C, H, W] in [-1, 1]
+        images = images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
+        grid = torchvision.utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))))  # [3, H', W']
+        path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image(grid, path)
+        if writer is not None:
+            writer.add_image("samples", grid, self.step)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """This rank's RNG states, as uint8 tensors."""
+        state = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step_XXXXXXXX and point `latest` at it; its path on rank 0, else None.
+
+        Every rank must call this (each one's RNG states are gathered); rank 0 writes.
+        """
+        gathered = {name: distributed.all_gather(t, self.dist) for name, t in self._rng_state().items()}
+        rng = [{name: _b64(ranks[r]) for name, ranks in gathered.items()} for r in range(self.dist.world_size)]
+        path = self._write_checkpoint(rng) if self.dist.is_main else None
+        distributed.barrier(self.dist)  # on return, the checkpoint exists for every rank
+        return path
+
+    def _write_checkpoint(self, rng: list[dict]) -> Path:
+        optimizer_tensors, optimizer_rest = _flatten_optimizer(self.optimizer.state_dict())
+        meta = {
+            "format": FORMAT,
+            "step": self.step,
+            "config": dataclasses.asdict(self.cfg),
+            "model": _model_record(self.model),
+            "world_size": self.dist.world_size,
+            "data_order": self.batches.state_dict(),
+            "optimizer": optimizer_rest,
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng,  # per rank
+            "history": self.history,
+            "pending": self._pending,
+        }
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step_{self.step:08d}"
+        final = self.checkpoint_dir / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.checkpoint_dir))
+        old = tmp.with_name(tmp.name + ".old")
+        try:
+            save_file(_cpu(self.model.state_dict()), tmp / "model.safetensors")
+            save_file(_cpu(self.ema.model.state_dict()), tmp / "ema.safetensors")
+            save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(meta))
+            if final.exists():  # this step was saved before (a run resumed from an older checkpoint)
+                os.replace(final, old)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        atomic_write(self.checkpoint_dir / "latest", lambda p: Path(p).write_text(name + "\n"))
+        self._prune()
+        return final
+
+    def _prune(self):
+        """Keep the newest keep_checkpoints up to this step; remove leftovers of interrupted writes."""
+        for leftover in self.checkpoint_dir.glob(".step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.cfg.keep_checkpoints:
+            done = sorted(d for d in self.checkpoint_dir.glob("step_*") if int(d.name[5:]) <= self.step)
+            for d in done[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(d)
+
+    def load_checkpoint(self, path: str | Path = "latest") -> Path:
+        """Restore everything from a checkpoint directory (default: the one `latest` names).
+
+        The model must have the checkpoint's class, config and tensor shapes; batch_size, seed, the
+        data set's size and the number of ranks must match (the data order and each rank's RNG
+        streams depend on them). Other config fields may change (train longer, another lr), at the
+        price of bit-exactness. Every check runs before anything is loaded.
+        """
+        path = self._resolve(path)
+        meta = json.loads((path / "trainer.json").read_text())
+        self._check_compatible(path, meta)
+        try:
+            self.batches.load_state_dict(meta["data_order"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+
+        device = str(self.device)
+        self.model.load_state_dict(load_file(path / "model.safetensors", device=device))
+        self.ema.model.load_state_dict(load_file(path / "ema.safetensors", device=device))
+        optimizer_tensors = load_file(path / "optimizer.safetensors", device=device)
+        self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
+        if self.scaler and meta["grad_scaler"]:
+            self.scaler.load_state_dict(meta["grad_scaler"])
+        self.step, self.history, self._pending = meta["step"], meta["history"], meta["pending"]
+        rng = {name: _unb64(text) for name, text in meta["rng"][self.dist.rank].items()}
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.dist.is_main:
+            self._write_history()  # drop records the interrupted run logged after this checkpoint
+        return path
+
+    def _resolve(self, path: str | Path) -> Path:
+        if str(path) == "latest":
+            pointer = self.checkpoint_dir / "latest"
+            if not pointer.is_file():
+                raise CheckpointError(f"No checkpoint to resume: {pointer} does not exist.")
+            path = self.checkpoint_dir / pointer.read_text().strip()
+        path = Path(path)
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} is not a checkpoint (missing {', '.join(missing)}).")
+        return path
+
+    def _check_compatible(self, path: Path, meta: dict):
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')}, this trainer reads {FORMAT}.")
+        saved, ours = meta["model"], _model_record(self.model)
+        if saved != ours:
+            a, b = saved["config"] or {}, ours["config"] or {}
+            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+            raise CheckpointError(f"{path} holds a {saved['class']} and this trainer's model is a "
+                                  f"{ours['class']}; their configs differ in (checkpoint, this model): {diff}.")
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            saved_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        if saved_shapes != shapes:
+            bad = sorted(k for k in set(saved_shapes) | set(shapes) if saved_shapes.get(k) != shapes.get(k))
+            raise CheckpointError(f"{path}: the model's tensors differ from this model's; (checkpoint, this "
+                                  f"model) shapes: {({k: (saved_shapes.get(k), shapes.get(k)) for k in bad[:5]})}"
+                                  + (f" and {len(bad) - 5} more." if len(bad) > 5 else "."))
+        if meta["world_size"] != self.dist.world_size:
+            raise CheckpointError(f"{path} was written by {meta['world_size']} processes and this run has "
+                                  f"{self.dist.world_size}: each rank's RNG streams are restored, so resume with "
+                                  f"the same number (torchrun --nproc_per_node {meta['world_size']}).")
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _tree_map(fn, tree):
+    """`fn` applied to every leaf of nested tuples (named ones too), lists and dicts."""
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        items = [_tree_map(fn, v) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return fn(tree)
+
+
+def num_examples(data) -> int:
+    """The number of examples in `data`: the length every leaf shares (a clear error if they differ)."""
+    lengths = []
+    _tree_map(lambda leaf: lengths.append(len(leaf)), data)
+    if not lengths or len(set(lengths)) != 1:
+        raise ValueError(f"The data's tensors must share their first dimension, got lengths {lengths}.")
+    return lengths[0]
+
+
+def _model_record(model: nn.Module) -> dict:
+    """The model's class name and config (JSON-normalised: tuples become lists), or None for no config."""
+    config = getattr(model, "config", None)
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+    return json.loads(json.dumps({"class": type(model).__name__, "config": config}))
+
+
+def _cpu(tensors: dict) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies, as safetensors wants them (it refuses tensors that share memory)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict as (its tensors keyed "<parameter index>.<name>", the JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, param_state in state["state"].items():
+        for name, value in param_state.items():
+            (tensors if torch.is_tensor(value) else scalars)[f"{index}.{name}"] = value
+    return _cpu(tensors), {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of `_flatten_optimizer`: a state_dict for optimizer.load_state_dict."""
+    state = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    # JSON turned tuples (AdamW's betas) into lists.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _b64(t: torch.Tensor) -> str:
+    """A uint8 tensor (an RNG state) as base64 text."""
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
