@@ -98,7 +98,8 @@ def ddp_run(tmp_path_factory) -> Path:
 
 
 def test_ranks_hold_identical_weights(ddp_run):
-    assert_same_state(load_file(ddp_run / "ddp_rank0.safetensors"), load_file(ddp_run / "ddp_rank1.safetensors"))
+    rank0, rank1 = (load_file(ddp_run / f"ddp_rank{r}.safetensors") for r in range(WORLD))
+    assert_same_state(rank0, rank1)
     assert (ddp_run / "ddp_rank0.json").read_text() == (ddp_run / "ddp_rank1.json").read_text()
 
 

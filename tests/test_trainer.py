@@ -4,6 +4,7 @@ sample grids, bf16, torch.compile and bad configs. The DDP tests are in test_dis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +47,8 @@ def mse_loss(model, batch, generator):
 def latent_data(n: int = 24):
     """(latents [n, 2, 4, 4], caption tokens [n, 3, 8], mask [n, 3]) for TINY_DIT."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 2, 4, 4, generator=g), torch.randn(n, 3, 8, generator=g), torch.ones(n, 3, dtype=torch.bool)
+    latents, tokens = torch.randn(n, 2, 4, 4, generator=g), torch.randn(n, 3, 8, generator=g)
+    return latents, tokens, torch.ones(n, 3, dtype=torch.bool)
 
 
 def diffusion_loss(model, batch, generator):
@@ -178,14 +180,15 @@ def test_nonfinite_gradient_norm_stops(tmp_path):
 
     trainer = Trainer(mlp(), loss_fn, regression_data(), config(tmp_path))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(NonFiniteError, match="Step 1: the gradient norm is nan.*no checkpoint had been written"):
+    with pytest.raises(NonFiniteError, match="Step 1: the gradient norm is nan.*no checkpoint had been"):
         trainer.fit()
     assert_same_state(before, trainer.model.state_dict())
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_checkpoint_layout_is_safetensors_and_json(tmp_path):
-    trainer = Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, checkpoint_every=2, keep_checkpoints=2))
+    cfg = config(tmp_path, checkpoint_every=2, keep_checkpoints=2)
+    trainer = Trainer(mlp(), mse_loss, regression_data(), cfg)
     trainer.fit()
     ckpt = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000004", "step_00000006"]
@@ -193,7 +196,7 @@ def test_checkpoint_layout_is_safetensors_and_json(tmp_path):
     files = sorted(p.name for p in (ckpt / "step_00000006").iterdir())
     assert files == ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "trainer.json"]
     meta = json.loads((ckpt / "step_00000006" / "trainer.json").read_text())
-    assert meta["step"] == 6 and meta["config"]["batch_size"] == 8 and meta["world_size"] == 1
+    assert meta["step"] == 6 and meta["world_size"] == 1 and TrainerConfig(**meta["config"]) == cfg
     assert set(meta["rng"][0]) == {"torch", "generator"}
     optimizer = load_file(ckpt / "step_00000006" / "optimizer.safetensors")
     assert set(optimizer) == {f"{i}.{name}" for i in range(4) for name in ("step", "exp_avg", "exp_avg_sq")}
@@ -222,7 +225,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_checkpoint_for_another_model_is_refused(tmp_path):
     data = latent_data()
     Trainer(DiT(TINY_DIT), diffusion_loss, data, config(tmp_path, steps=2, checkpoint_every=2)).fit()
-    deeper = Trainer(DiT(DiTConfig(**{**TINY_DIT.__dict__, "depth": 2})), diffusion_loss, data, config(tmp_path))
+    deeper = Trainer(DiT(dataclasses.replace(TINY_DIT, depth=2)), diffusion_loss, data, config(tmp_path))
     with pytest.raises(CheckpointError, match=r"configs differ.*'depth': \(1, 2\)"):
         deeper.load_checkpoint()
     assert deeper.step == 0
@@ -318,7 +321,8 @@ def test_fp16_needs_a_gpu(tmp_path):
 def test_torch_compile_is_accepted(tmp_path):
     """aot_eager: Dynamo traces the model (the part that can fail), without inductor's C++ build."""
     trainer = Trainer(mlp(), mse_loss, regression_data(),
-                      config(tmp_path, compile=True, compile_backend="aot_eager", steps=2, checkpoint_every=2))
+                      config(tmp_path, compile=True, compile_backend="aot_eager", steps=2,
+                             checkpoint_every=2))
     eager = Trainer(mlp(), mse_loss, regression_data(), config(tmp_path / "eager", steps=2))
     assert type(trainer.net).__name__ == "OptimizedModule"
     trainer.fit(), eager.fit()
@@ -329,7 +333,8 @@ def test_torch_compile_is_accepted(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("TUTORIAL_SLOW_TESTS"),
-                    reason="inductor's first compile takes about 20 s on a 2-core CPU; set TUTORIAL_SLOW_TESTS=1")
+                    reason="inductor's first compile takes about 20 s on a 2-core CPU; "
+                           "set TUTORIAL_SLOW_TESTS=1")
 def test_torch_compile_inductor(tmp_path):
     history = Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, compile=True, steps=2)).fit()
     assert math.isfinite(history[-1]["loss"])

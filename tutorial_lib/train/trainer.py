@@ -115,7 +115,8 @@ class TrainerConfig:
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
+            (self.grad_clip is None or self.grad_clip > 0,
+             f"grad_clip must be > 0 or None, got {self.grad_clip}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.mixed_precision in PRECISIONS,
              f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}"),
@@ -157,10 +158,13 @@ class Trainer:
         self.loss_fn, self.data, self.sample_fn = loss_fn, data, sample_fn
         self.dist = distributed.setup()
         self.device = torch.device(cfg.device) if cfg.device else self.dist.default_device()
-        if cfg.mixed_precision == "fp16" and self.device.type != "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # "cuda": the current GPU (under torchrun, LOCAL_RANK's)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.mixed_precision == "fp16" and not cuda:
             raise ValueError(f"mixed_precision='fp16' needs a CUDA GPU (its GradScaler), not {self.device}; "
                              "use 'bf16' or 'no' on the CPU.")
-        if cfg.mixed_precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if cfg.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise ValueError("This GPU does not support bfloat16; use mixed_precision='fp16' or 'no'.")
         shards = cfg.grad_accum_steps * self.dist.world_size
         if cfg.batch_size % shards:
@@ -215,12 +219,12 @@ class Trainer:
                 self._add_pending(self._train_step())
                 bar.update()
                 done = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or done:
+                if _due(self.step, cfg.log_every, done):
                     record = self._log(writer)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
-                if self.sample_fn is not None and cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
+                if self.sample_fn is not None and _due(self.step, cfg.sample_every, done):
                     self._sample(writer)
-                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or done):
+                if _due(self.step, cfg.checkpoint_every, done):
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -247,8 +251,9 @@ class Trainer:
             values = [loss.detach().float(), *(torch.as_tensor(v).detach().float().to(self.device)
                                                for v in metrics.values())]
             total = total + torch.stack(values)  # [1 + metrics]
-        # One host sync a step: these scalars, averaged over micro-batches and ranks.
-        scalars = dict(zip(["loss", *metrics], distributed.all_reduce_mean(total / accum, self.dist).tolist()))
+        # The step's scalars, averaged over micro-batches and ranks, on the host.
+        means = distributed.all_reduce_mean(total / accum, self.dist).tolist()
+        scalars = dict(zip(["loss", *metrics], means))
         if not math.isfinite(scalars["loss"]):
             raise NonFiniteError(self._stop_message("loss", scalars["loss"]))
 
@@ -361,7 +366,8 @@ class Trainer:
         Every rank must call this (each one's RNG states are gathered); rank 0 writes.
         """
         gathered = {name: distributed.all_gather(t, self.dist) for name, t in self._rng_state().items()}
-        rng = [{name: _b64(ranks[r]) for name, ranks in gathered.items()} for r in range(self.dist.world_size)]
+        rng = [{name: _b64(ranks[r]) for name, ranks in gathered.items()}
+               for r in range(self.dist.world_size)]
         path = self._write_checkpoint(rng) if self.dist.is_main else None
         distributed.barrier(self.dist)  # on return, the checkpoint exists for every rank
         return path
@@ -457,28 +463,36 @@ class Trainer:
 
     def _check_compatible(self, path: Path, meta: dict):
         if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')}, this trainer reads {FORMAT}.")
+            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')}, this trainer "
+                                  f"reads {FORMAT}.")
         saved, ours = meta["model"], _model_record(self.model)
         if saved != ours:
             a, b = saved["config"] or {}, ours["config"] or {}
             diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
             raise CheckpointError(f"{path} holds a {saved['class']} and this trainer's model is a "
-                                  f"{ours['class']}; their configs differ in (checkpoint, this model): {diff}.")
+                                  f"{ours['class']}; their configs differ in (checkpoint, this model): "
+                                  f"{diff}.")
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             saved_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
         if saved_shapes != shapes:
             bad = sorted(k for k in set(saved_shapes) | set(shapes) if saved_shapes.get(k) != shapes.get(k))
+            pairs = {k: (saved_shapes.get(k), shapes.get(k)) for k in bad[:5]}
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise CheckpointError(f"{path}: the model's tensors differ from this model's; (checkpoint, this "
-                                  f"model) shapes: {({k: (saved_shapes.get(k), shapes.get(k)) for k in bad[:5]})}"
-                                  + (f" and {len(bad) - 5} more." if len(bad) > 5 else "."))
+                                  f"model) shapes: {pairs}{more}.")
         if meta["world_size"] != self.dist.world_size:
             raise CheckpointError(f"{path} was written by {meta['world_size']} processes and this run has "
-                                  f"{self.dist.world_size}: each rank's RNG streams are restored, so resume with "
-                                  f"the same number (torchrun --nproc_per_node {meta['world_size']}).")
+                                  f"{self.dist.world_size}: each rank's RNG streams are restored, so resume "
+                                  f"with the same number (torchrun --nproc_per_node {meta['world_size']}).")
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _due(step: int, every: int | None, last: bool) -> bool:
+    """Whether an every-N-steps action (None: never) runs after `step`; it always runs after the last."""
+    return every is not None and (step % every == 0 or last)
+
+
 def _tree_map(fn, tree):
     """`fn` applied to every leaf of nested tuples (named ones too), lists and dicts."""
     if isinstance(tree, dict):
