@@ -19,6 +19,7 @@ from ..models.classifier import load_classifier
 from ..vae.autoencoder import AutoencoderKL, VAEConfig
 from ..vae.losses import (PatchDiscriminator, PerceptualLoss, VAELossConfig, adaptive_weight,
                           generator_loss, hinge_d_loss, kl_loss, reconstruction_loss)
+from ..weights import load_model
 from .common import infinite_batches, seed_everything, warmup_cosine
 
 
@@ -47,8 +48,6 @@ def measure_scale(vae: AutoencoderKL, images: torch.Tensor) -> tuple[float, floa
 def _build(cfg: VAETrainConfig) -> AutoencoderKL:
     if cfg.init is None:
         return AutoencoderKL(cfg.model)
-    from ..weights import load_model
-
     return load_model(AutoencoderKL, VAEConfig, cfg.init, "vae")[0]
 
 

@@ -25,11 +25,11 @@ NORM_EPS = 1e-6
 @dataclass
 class VAEConfig:
     in_channels: int = 1  # 1 for grayscale, 3 for RGB
-    channels: tuple[int, ...] = (32, 64, 64)  # width per level; f = 2 ** (len - 1)
+    channels: tuple[int, ...] = (16, 32, 64)  # width per level; f = 2 ** (len - 1)
     num_res_blocks: int = 1  # per encoder level; the decoder has one more
     latent_channels: int = 4
     mid_attention: bool = True
-    norm_groups: int = 16  # GroupNorm groups everywhere; must divide every width
+    norm_groups: int = 8  # GroupNorm groups everywhere; must divide every width
     quant_conv: bool = False  # 1x1 convolutions around the latent, as in LDM and Stable Diffusion
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
