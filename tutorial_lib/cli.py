@@ -3,7 +3,8 @@
   train-classifier   train the yardstick classifier       -> tutorial_lib/assets/classifier.safetensors
   train-vae          train the KL autoencoder             -> tutorial_lib/assets/vae.safetensors
   encode-latents     encode Fashion-MNIST once into the latent cache under data/
-  train              train notebook 01's text-to-image denoiser on the cached latents
+  train              train a text-to-image model on the cached latents: notebook 01's tiny
+                     transformer (--model tiny) or notebook 03's DiT (--model dit; torchrun: DDP)
   sample             write a sample grid, one row per class prompt
   evaluate           class accuracy and feature-space FID of a model's samples
   demo               train briefly, write a sample grid, evaluate (the README's first command)
@@ -67,7 +68,7 @@ def _train(a):
     from .text.word_encoder import WordEncoderConfig
     from .train.denoiser import DenoiserTrainConfig, train_denoiser
 
-    model = preset(a.preset)
+    model = preset(a.preset or "cpu")
     cfg = DenoiserTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                               model=model, text=WordEncoderConfig(dim=model.text_dim))
     start = time.perf_counter()
@@ -115,8 +116,52 @@ def _evaluate(pipe, a) -> dict:
     return results
 
 
+def _dit_config(a):
+    from .models.dit import preset
+    from .train.text_to_image import Objective, TextToImageConfig
+    from .train.trainer import TrainerConfig
+
+    if a.config:
+        return TextToImageConfig.from_dict(json.loads(Path(a.config).read_text()))
+    objective = Objective(prediction=a.prediction, schedule=a.schedule, cond_drop=a.cond_drop,
+                          t_distribution=a.t_distribution, min_snr_gamma=a.min_snr_gamma)
+    trainer = TrainerConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
+                            grad_accum_steps=a.grad_accum, ema_decay=a.ema_decay,
+                            mixed_precision=a.mixed_precision, compile=a.compile, seed=a.seed,
+                            out_dir=str(a.out / "run"), checkpoint_every=a.checkpoint_every,
+                            device=a.device)
+    return TextToImageConfig(model=preset(a.preset or "tiny"), text_encoder=a.text_encoder, objective=objective,
+                             trainer=trainer)
+
+
+def _train_dit(a):
+    from .data.latents import latent_cache
+    from .pipeline import TextToImagePipeline
+    from .train import distributed
+    from .train.text_to_image import train_text_to_image
+
+    cfg = _dit_config(a)
+    latents, labels = latent_cache().tensors("train")
+    start = time.perf_counter()
+    trainer = train_text_to_image(cfg, latents, labels, resume=a.resume)
+    seconds = time.perf_counter() - start
+    if not distributed.setup().is_main:
+        return None
+    ema = trainer.ema_model.cpu()
+    pipe = TextToImagePipeline.for_dit(ema, cfg)
+    record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
+              "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}
+    pipe.save_pretrained(a.out, training=record)
+    print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
+                      "final_loss": round(record["final_loss"], 4)}))
+    return pipe
+
+
 def _cmd_train(a):
-    _train(a)
+    if a.model == "dit":
+        _train_dit(a)
+    else:
+        _train(a)
 
 
 def _cmd_sample(a):
@@ -155,7 +200,8 @@ def _add_common(p):
 
 
 def _add_train(p, steps):
-    p.add_argument("--preset", default="cpu", help="denoiser size: cpu or base")
+    p.add_argument("--preset", help="model size: cpu (default) or base for --model tiny; tiny "
+                   "(default), DiT-S/2, ... for --model dit")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -205,8 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode-latents", help="build the latent cache for the shipped VAE")
     p.set_defaults(func=_cmd_encode_latents)
 
-    p = sub.add_parser("train", help="train notebook 01's text-to-image denoiser")
+    p = sub.add_parser("train", help="train a text-to-image model (notebook 01's or notebook 03's DiT)")
     _add_train(p, steps=3000)
+    p.add_argument("--model", choices=("tiny", "dit"), default="tiny",
+                   help="tiny: notebook 01's transformer (--preset cpu|base); dit: notebook 03's DiT "
+                        "(--preset tiny, DiT-S/2, ...)")
+    p.add_argument("--config", help="dit: a JSON TextToImageConfig (replaces the flags below)")
+    p.add_argument("--text-encoder", default="minilm", help="dit: one_hot, word, minilm or clip")
+    p.add_argument("--prediction", default="v", help="dit: x0, eps, v or flow")
+    p.add_argument("--schedule", default="cosine", help="dit: cosine, linear, scaled_linear or flow")
+    p.add_argument("--t-distribution", default="uniform", help="dit: uniform, beta or logit_normal")
+    p.add_argument("--min-snr-gamma", type=float, default=None, help="dit: min-SNR-gamma loss weights")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="dit: null-caption probability")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="dit: continue from OUT/run's latest checkpoint")
     p.add_argument("--out", type=Path, default=Path("outputs/model"))
     _add_common(p)
     p.set_defaults(func=_cmd_train)
@@ -237,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     start = time.perf_counter()
     args.func(args)
     print(f"[{args.command}] done in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,204 @@
+"""Train notebook 03's text-to-image DiT on cached latents with the `Trainer` (CLI: `train --model dit`).
+
+One step, for a batch of latents x0 with class labels y (Ho & Salimans, 2022; Peebles & Xie, 2023):
+
+    caption  <- a training caption of class y (template x synonym), "" with probability cond_drop
+    t        <- the objective's timestep distribution;   eps <- N(0, I) (+ offset noise)
+    x_t      =  alpha(t) x0 + sigma(t) (eps + input perturbation)
+    loss     =  w(t) |F(x_t, t, text(caption)) - target|^2,  target = a x0 + b eps of the prediction
+                (parametrizations.prediction_target), w = min-SNR-gamma or 1
+
+Captions are rows of a fixed table (every training caption, then ""), so "" is exactly the null
+condition the pipeline samples with. A frozen text encoder (MiniLM, CLIP) is run once over the
+table (`text.cache.caption_embeddings`) and never again; a learned one (the word encoder, a learned
+one-hot table) trains with the DiT and is saved with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.captions import all_training_captions
+from ..data.fashion_mnist import CLASSES
+from ..diffusion.losses import (TIMESTEP_DISTRIBUTIONS, min_snr_weight, offset_noise, perturb_input,
+                                sample_timesteps, weighted_mse)
+from ..diffusion.parametrizations import PREDICTIONS, prediction_target
+from ..diffusion.schedules import Schedule, get_schedule
+from ..models.dit import DiT, DiTConfig
+from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
+from ..text.base import NULL_PROMPT
+from .trainer import Trainer, TrainerConfig
+
+
+@dataclass
+class Objective:
+    """What the network learns: its prediction target on a noise schedule, and how t is drawn."""
+
+    prediction: str = "v"  # "x0" | "eps" | "v" | "flow" (diffusion/parametrizations.py)
+    schedule: str = "cosine"  # "cosine" | "linear" | "scaled_linear" | "flow" (diffusion/schedules.py)
+    zero_terminal_snr: bool = False
+    cond_drop: float = 0.1  # probability of training on the null caption "" (classifier-free guidance)
+    t_distribution: str = "uniform"  # "uniform" | "beta" | "logit_normal"
+    t_beta: tuple[float, float] = (1.0, 2.5)
+    t_logit_normal: tuple[float, float] = (0.0, 1.0)
+    t_shift: float = 1.0  # > 1 biases t towards noise, < 1 towards data
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    input_perturbation: float = 0.0
+
+    def __post_init__(self):
+        self.t_beta, self.t_logit_normal = tuple(self.t_beta), tuple(self.t_logit_normal)
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"Unknown prediction {self.prediction!r}; choose from {', '.join(PREDICTIONS)}.")
+        if self.t_distribution not in TIMESTEP_DISTRIBUTIONS:
+            raise ValueError(f"Unknown t_distribution {self.t_distribution!r}; choose from "
+                             f"{', '.join(TIMESTEP_DISTRIBUTIONS)}.")
+        if not 0 <= self.cond_drop < 1:
+            raise ValueError(f"cond_drop is a probability in [0, 1), got {self.cond_drop}.")
+        self.noise_schedule()  # a clear error for an unknown schedule
+
+    def noise_schedule(self) -> Schedule:
+        return get_schedule(self.schedule, self.zero_terminal_snr)
+
+
+@dataclass
+class TextToImageConfig:
+    """One training run: the DiT, the text encoder, the objective and the trainer's settings."""
+
+    model: DiTConfig = field(default_factory=DiTConfig)
+    text_encoder: str = "minilm"  # one of text.TEXT_ENCODERS
+    text_encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"dim": 128} for "word"
+    objective: Objective = field(default_factory=Objective)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"Unknown text encoder {self.text_encoder!r}; choose from "
+                             f"{', '.join(TEXT_ENCODERS)}.")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextToImageConfig":
+        """From the nested dict of `to_dict` (or a JSON config file); unknown keys are an error."""
+        parts = {"model": DiTConfig, "objective": Objective, "trainer": TrainerConfig}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown config keys {sorted(unknown)}.")
+        kwargs = dict(d)
+        for name, part in parts.items():
+            if name in kwargs and isinstance(kwargs[name], dict):
+                known = {f.name for f in dataclasses.fields(part)}
+                bad = set(kwargs[name]) - known
+                if bad:
+                    raise ValueError(f"Unknown {name} config keys {sorted(bad)}; known: {sorted(known)}.")
+                kwargs[name] = part(**kwargs[name])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+class CaptionConditionedDiT(nn.Module):
+    """What trains: the DiT, conditioned on rows of the caption table; a learned text encoder too.
+
+    forward(x_t [B, C, H, W], t [B], rows [B]) -> F [B, C, H, W]. Row `null_row` is "".
+    """
+
+    def __init__(self, transformer: DiT, encoder: TextEncoder, captions: list[str]):
+        super().__init__()
+        if encoder.dim != transformer.config.text_dim:
+            raise ValueError(f"The {encoder.name!r} encoder gives {encoder.dim}-wide tokens but the DiT "
+                             f"reads text_dim={transformer.config.text_dim}; set the DiT's text_dim.")
+        self.transformer = transformer
+        self.captions = tuple(dict.fromkeys([*captions, NULL_PROMPT]))
+        self.null_row = self.captions.index(NULL_PROMPT)
+        if encoder.frozen:  # run once; the table is a buffer, not saved with the weights
+            table = caption_embeddings(encoder, self.captions)
+            self.text_encoder = None
+            self.register_buffer("tokens", table.tokens, persistent=False)  # [rows, L, D]
+            self.register_buffer("mask", table.mask, persistent=False)  # [rows, L]
+        else:
+            self.text_encoder = encoder
+
+    @property
+    def config(self) -> DiTConfig:
+        return self.transformer.config
+
+    def text(self, rows: torch.Tensor) -> TextEmbedding:
+        if self.text_encoder is None:
+            return TextEmbedding(self.tokens[rows], self.mask[rows])
+        return self.text_encoder.encode([self.captions[i] for i in rows.tolist()])
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.transformer(x_t, t, self.text(rows))
+
+
+def class_caption_rows(model: CaptionConditionedDiT) -> torch.Tensor:
+    """Rows of each class's captions in the model's table: [classes, captions per class]."""
+    index = {c: i for i, c in enumerate(model.captions)}
+    return torch.tensor([[index[c] for c in all_training_captions(k)] for k in range(len(CLASSES))])
+
+
+def diffusion_loss(model, x0: torch.Tensor, rows: torch.Tensor, objective: Objective,
+                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The module docstring's loss for latents x0 [B, C, H, W] and caption rows [B] (already dropped)."""
+    b = x0.shape[0]
+    schedule = objective.noise_schedule()
+    t = sample_timesteps(b, objective.t_distribution, generator, beta=objective.t_beta,
+                         logit_normal=objective.t_logit_normal, shift=objective.t_shift).to(x0.device)
+    eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
+    x_t = schedule.add_noise(x0, t, perturb_input(eps, objective.input_perturbation, generator).to(x0.device))
+    eps = eps.to(x0.device)
+    alpha, sigma = schedule.alpha_sigma_like(t, x0)
+    target = prediction_target(objective.prediction, x0, eps, alpha, sigma)
+    weight = None if objective.min_snr_gamma is None else \
+        min_snr_weight(alpha, sigma, objective.prediction, objective.min_snr_gamma)
+    return weighted_mse(model(x_t, t, rows).float(), target, weight), {}
+
+
+def make_loss_fn(rows_per_class: torch.Tensor, null_row: int, objective: Objective):
+    """The Trainer's loss_fn(model, (x0, y), generator): pick a caption per item, drop, diffuse."""
+
+    def loss_fn(model, batch, generator):
+        x0, y = batch
+        b = len(y)
+        pick = torch.randint(0, rows_per_class.shape[1], (b,), generator=generator)
+        rows = rows_per_class[y.cpu(), pick]
+        drop = torch.rand(b, generator=generator) < objective.cond_drop
+        rows = torch.where(drop, null_row, rows).to(x0.device)
+        return diffusion_loss(model, x0, rows, objective, generator)
+
+    return loss_fn
+
+
+def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None) -> CaptionConditionedDiT:
+    """The training module for `cfg`; `encoder` (else built from the config) sets the DiT's text_dim."""
+    encoder = encoder or text_encoder(cfg.text_encoder, **cfg.text_encoder_kwargs)
+    if encoder is None:
+        raise RuntimeError(f"The {cfg.text_encoder!r} text encoder is not available here (see the "
+                           "message above); choose 'minilm', 'word' or 'one_hot'.")
+    if cfg.model.text_dim != encoder.dim:
+        cfg.model = dataclasses.replace(cfg.model, text_dim=encoder.dim)
+    torch.manual_seed(cfg.trainer.seed)  # the DiT's initial weights
+    return CaptionConditionedDiT(DiT(cfg.model), encoder, all_training_captions())
+
+
+def train_text_to_image(cfg: TextToImageConfig, latents: torch.Tensor, labels: torch.Tensor,
+                        encoder: TextEncoder | None = None, resume: bool = False,
+                        sample_fn=None) -> Trainer:
+    """Train (or, with resume, continue from out_dir's latest checkpoint); returns the Trainer,
+    whose `ema_model.transformer` (and `.text_encoder`, if learned) the pipeline samples with."""
+    model = build(cfg, encoder)
+    loss_fn = make_loss_fn(class_caption_rows(model), model.null_row, cfg.objective)
+    trainer = Trainer(model, loss_fn, (latents, labels), cfg.trainer, sample_fn)
+    if resume:
+        trainer.load_checkpoint()
+    Path(cfg.trainer.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.trainer.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    trainer.fit()
+    return trainer
