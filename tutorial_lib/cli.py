@@ -74,10 +74,10 @@ def _train(a):
     start = time.perf_counter()
     nets, history = train_denoiser(latent_cache(), cfg, device=a.device)
     seconds = time.perf_counter() - start
-    pipe = TextToImagePipeline(**nets)
+    pipe = TextToImagePipeline(nets["denoiser"], nets["text_encoder"])
     command = (f"python -m tutorial_lib train --preset {a.preset} --steps {a.steps} "
                f"--batch-size {a.batch_size} --lr {a.lr} --seed {a.seed}")
-    pipe.save(a.out, {"command": command, "train_seconds": seconds, "final_loss": history["loss"][-1]})
+    pipe.save_pretrained(a.out, command=command, train_seconds=seconds, final_loss=history["loss"][-1])
     print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
                       "final_loss": round(history["loss"][-1], 4)}))
     return pipe
@@ -86,7 +86,7 @@ def _train(a):
 def _load_pipe(a):
     from .pipeline import TextToImagePipeline
 
-    return TextToImagePipeline.load(a.model).to(a.device)
+    return TextToImagePipeline.from_pretrained(a.model).to(a.device)
 
 
 def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: float, seed: int):
@@ -137,6 +137,7 @@ def _dit_config(a):
 def _train_dit(a):
     from .data.latents import latent_cache
     from .pipeline import TextToImagePipeline
+    from .text import text_encoder
     from .train import distributed
     from .train.text_to_image import train_text_to_image
 
@@ -148,7 +149,11 @@ def _train_dit(a):
     if not distributed.setup().is_main:
         return None
     ema = trainer.ema_model.cpu()
-    pipe = TextToImagePipeline.for_dit(ema, cfg)
+    encoder = ema.text_encoder or text_encoder(cfg.text_encoder, **cfg.text_encoder_kwargs)
+    o = cfg.objective
+    pipe = TextToImagePipeline(ema.transformer, encoder, prediction=o.prediction, schedule=o.schedule,
+                               zero_terminal_snr=o.zero_terminal_snr,
+                               sampler="flow_euler" if o.prediction == "flow" else "ddim")
     record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
               "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}
     pipe.save_pretrained(a.out, training=record)

@@ -1,55 +1,211 @@
-"""Prompt(s) -> images: text encoder -> guided sampler over the denoiser -> VAE decoder."""
+"""Prompt(s) -> images: text encoder -> guided sampler over the denoiser -> VAE decoder.
+
+    cond, null = text_encoder(prompts), text_encoder("")           # null: what training dropped to
+    F_guided   = F(x, t, null) + w (F(x, t, cond) - F(x, t, null))  # guidance.cfg_denoiser, every channel
+    x0_hat     = the prediction F_guided (x0, eps, v or flow) converted to x0 (parametrizations)
+    latents    = sampler(x0_hat, noise, the schedule's grid of num_inference_steps levels)
+    images     = vae.decode(latents)
+
+Saved in diffusers' directory layout (`save_pretrained`), so the folder is also a diffusers pipeline:
+
+    model_index.json              the pipeline class, each component's (library, class), sampling config
+    tutorial_pipeline.py          two lines that import this class: diffusers' custom-pipeline hook
+    transformer/                  config.json + diffusion_pytorch_model.safetensors (DiT or TinyTransformer)
+    text_encoder/                 config.json (+ weights for a learned encoder; a pretrained one is
+                                  named and hashed, its weights come from its own package)
+    vae/                          a diffusers.AutoencoderKL folder (vae.diffusers_interop)
+
+`TextToImagePipeline.from_pretrained(folder)` reads it with no diffusers machinery;
+`diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` builds the same
+pipeline through diffusers' loader when tutorial_lib is installed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline, ModelMixin
+from diffusers.configuration_utils import ConfigMixin
+from safetensors.torch import load_file, save_file
 
 from .diffusion.guidance import cfg_denoiser
-from .diffusion.samplers import sample_ddim
-from .diffusion.schedules import time_grid
+from .diffusion.parametrizations import PREDICTIONS, x0_denoiser
+from .diffusion.samplers import SAMPLERS
+from .diffusion.schedules import get_schedule
+from .models.dit import DiT, DiTConfig
 from .models.tiny_transformer import TinyTransformer, TinyTransformerConfig
-from .text.word_encoder import TextEmbedding, WordEncoder, WordEncoderConfig, check_prompts
+from .text import (CLIPEncoder, MiniLMEncoder, OneHotConfig, OneHotEncoder, TextEmbedding, TextEncoder,
+                   WordEncoder, WordEncoderConfig, check_prompts, load_clip_encoder)
 from .vae.autoencoder import AutoencoderKL, load_vae
-from .weights import WeightsError, load_model, save_weights, weights_hash
+from .vae.diffusers_interop import from_diffusers, to_diffusers
+from .weights import WeightsError, atomic_write, weights_hash
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHIM = "tutorial_pipeline"
+# Components saved as (config dataclass + safetensors): class name -> (class, config class).
+TRAINED = {"DiT": (DiT, DiTConfig), "TinyTransformer": (TinyTransformer, TinyTransformerConfig),
+           "WordEncoder": (WordEncoder, WordEncoderConfig), "OneHotEncoder": (OneHotEncoder, OneHotConfig)}
+OPTIONS = ("prediction", "schedule", "zero_terminal_snr", "sampler")  # sampling config in model_index.json
+PRETRAINED = {"MiniLMEncoder": MiniLMEncoder, "CLIPEncoder": CLIPEncoder}
 
 
 def _concat(a: TextEmbedding, b: TextEmbedding) -> TextEmbedding:
+    """Two conditions as one batch; the shorter token axis is padded (mask False)."""
+    length = max(a.tokens.shape[1], b.tokens.shape[1])
+
+    def pad(e: TextEmbedding) -> TextEmbedding:
+        extra = length - e.tokens.shape[1]
+        return TextEmbedding(torch.nn.functional.pad(e.tokens, (0, 0, 0, extra)),
+                             torch.nn.functional.pad(e.mask, (0, extra)))
+
+    a, b = pad(a), pad(b)
     return TextEmbedding(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]))
 
 
-class TextToImagePipeline:
-    def __init__(self, denoiser: TinyTransformer, text_encoder: WordEncoder, vae: AutoencoderKL | None = None):
-        self.denoiser, self.text_encoder = denoiser, text_encoder
-        self.vae = vae if vae is not None else load_vae()
+def latent_shape(transformer) -> tuple[int, int, int]:
+    """(C, H, W) of the latents the denoiser was built for."""
+    cfg = transformer.config
+    if isinstance(cfg, DiTConfig):
+        return (cfg.in_channels, *cfg.input_size)
+    return cfg.latent_channels, cfg.latent_size, cfg.latent_size
+
+
+# ----------------------------------------------------------------------------- component folders
+def save_component(module: torch.nn.Module, folder: Path):
+    """config.json (the class name and its config) and, for trained modules, the weights."""
+    name = type(module).__name__
+    if name in TRAINED:
+        config = dataclasses.asdict(module.config)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    elif name == "MiniLMEncoder":
+        config = {"max_length": module.max_length, "key": module.cache_key()}
+    elif name == "CLIPEncoder":
+        config = {"model_name": module.model_id, "max_length": module.max_length, "key": module.cache_key()}
+    else:
+        raise TypeError(f"Cannot save a {name} as a pipeline component; known: "
+                        f"{', '.join([*TRAINED, *PRETRAINED])}.")
+    text = json.dumps({"_class_name": name, **config}, indent=1, sort_keys=True)
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def load_component(folder: str | Path) -> torch.nn.Module:
+    """The module `save_component` wrote into `folder`, in eval mode."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{folder} is not a pipeline component folder (no config.json).")
+    config = json.loads(path.read_text())
+    name = config.pop("_class_name", None)
+    if name in TRAINED:
+        cls, config_cls = TRAINED[name]
+        try:
+            module = cls(config_cls(**config))
+            module.load_state_dict(load_file(str(folder / WEIGHTS)))
+        except (TypeError, RuntimeError, OSError) as err:
+            raise WeightsError(f"{folder}: the weights do not fit the {name} config beside them "
+                               f"({type(err).__name__}: {str(err)[:300]}).") from err
+    elif name == "MiniLMEncoder":
+        module = MiniLMEncoder(max_length=config["max_length"])
+    elif name == "CLIPEncoder":
+        module = load_clip_encoder(config["model_name"], config["max_length"])
+        if module is None:
+            raise RuntimeError(f"{folder}: this pipeline reads CLIP ({config['model_name']}), which is "
+                               "neither on the Hub (offline?) nor in the local cache.")
+    else:
+        raise WeightsError(f"{folder}: unknown component class {name!r}.")
+    if "key" in config and module.cache_key() != config["key"]:
+        raise WeightsError(f"{folder}: the installed {name} ({module.cache_key()}) is not the one this "
+                           f"pipeline was trained with ({config['key']}); install that version.")
+    return module.eval()
+
+
+class PipelineComponent(ModelMixin, ConfigMixin):
+    """How diffusers' loader reads one of our component folders: its `from_pretrained` returns the
+    course's module (DiT, WordEncoder, ...) itself, not an instance of this class."""
+
+    @classmethod
+    def from_pretrained(cls, path, subfolder: str | None = None, torch_dtype=None, **_):
+        module = load_component(Path(path) / (subfolder or ""))
+        return module.to(torch_dtype) if torch_dtype is not None else module
+
+
+# ----------------------------------------------------------------------------- the pipeline
+class TextToImagePipeline(DiffusionPipeline):
+    """`pipe(prompt or prompts, num_inference_steps, guidance_scale, seed or generator)` -> PIL images.
+
+    transformer   a denoiser F(x_t [B, C, H, W], t [B], TextEmbedding) -> [B, C, H, W]: the DiT, or
+                  notebook 01's TinyTransformer; it predicts `prediction` on the `schedule`
+    text_encoder  a tutorial_lib TextEncoder (the one it was trained with)
+    vae           our AutoencoderKL (or a diffusers one, converted); default: the shipped VAE
+    sampler       one of diffusion.samplers.SAMPLERS
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae"]  # a component diffusers loads, though the default is the shipped VAE
+
+    def __init__(self, transformer, text_encoder, vae=None, prediction: str = "x0", schedule: str = "cosine",
+                 zero_terminal_snr: bool = False, sampler: str = "ddim"):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"Unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}.")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}.")
+        if not isinstance(text_encoder, TextEncoder):
+            raise TypeError(f"text_encoder must be a tutorial_lib TextEncoder, got {type(text_encoder).__name__}.")
+        if vae is None:
+            vae = load_vae()
+        elif not isinstance(vae, AutoencoderKL):
+            vae = from_diffusers(vae)  # e.g. diffusers' loader handed us its own AutoencoderKL
+        if text_encoder.dim != transformer.config.text_dim:
+            raise ValueError(f"The text encoder gives {text_encoder.dim}-wide tokens, the transformer reads "
+                             f"{transformer.config.text_dim}: they were not trained together.")
+        if latent_shape(transformer)[0] != vae.config.latent_channels:
+            raise ValueError(f"The transformer denoises {latent_shape(transformer)[0]}-channel latents, the "
+                             f"VAE makes {vae.config.latent_channels}.")
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, vae=vae)
+        self.register_to_config(prediction=prediction, schedule=schedule,
+                                zero_terminal_snr=zero_terminal_snr, sampler=sampler)
+        self.noise_schedule = get_schedule(schedule, zero_terminal_snr)
 
     @property
     def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
+        return next(self.transformer.parameters()).device
 
     def to(self, device):
-        for m in (self.denoiser, self.text_encoder, self.vae):
+        for m in (self.transformer, self.text_encoder, self.vae):
             m.to(device)
         return self
+
+    def denoiser(self, guidance_scale: float):
+        """D(x_t, t, (cond, null)) -> guided x0_hat: what the samplers integrate."""
+        guided = cfg_denoiser(self.transformer, guidance_scale, _concat)
+        return x0_denoiser(guided, self.config.prediction, self.noise_schedule)
 
     @torch.no_grad()
     def generate_latents(self, prompt, num_inference_steps: int = 25, guidance_scale: float = 3.0,
                          seed: int | None = 0, generator: torch.Generator | None = None,
                          callback=None) -> torch.Tensor:
-        """Scaled latents [B, C, h, w] for prompt(s); the same seed gives the same latents."""
+        """Scaled latents [B, C, H, W] for prompt(s); the same seed gives the same latents."""
         prompts = check_prompts(prompt)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps is an int >= 1, got {num_inference_steps!r}.")
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
-        for m in (self.denoiser, self.text_encoder, self.vae):
+        for m in (self.transformer, self.text_encoder, self.vae):
             m.eval()  # condition dropout and any other training behaviour off
-        cfg = self.denoiser.config
-        noise = torch.randn(len(prompts), cfg.latent_channels, cfg.latent_size, cfg.latent_size,
-                            generator=generator).to(self.device)
+        noise = torch.randn(len(prompts), *latent_shape(self.transformer), generator=generator).to(self.device)
         cond = self.text_encoder.encode(prompts)
-        null = self.text_encoder.encode([""] * len(prompts))  # exactly what training dropped to
-        guided = cfg_denoiser(self.denoiser, guidance_scale, _concat)
-        return sample_ddim(guided, noise, time_grid(num_inference_steps), (cond, null), callback)
+        null = self.text_encoder.null(len(prompts))  # exactly what training dropped to
+        sampler = SAMPLERS[self.config.sampler]
+        kwargs = {"schedule": self.noise_schedule}
+        if self.config.sampler in ("ddpm", "ddim"):
+            kwargs["generator"] = generator
+        ts = self.noise_schedule.grid(num_inference_steps)
+        return sampler(self.denoiser(guidance_scale), noise, ts, (cond, null), callback, **kwargs)
 
     @torch.no_grad()
     def generate(self, prompt, **kwargs) -> torch.Tensor:
@@ -62,23 +218,50 @@ class TextToImagePipeline:
 
         return [to_pil(img) for img in self.generate(prompt, **kwargs)]
 
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+    # ------------------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str | Path, **info) -> Path:
+        """Write the diffusers layout (module docstring); `info` (JSON) goes into model_index.json
+        under "_tutorial_lib" (e.g. the training command and its figures)."""
+        import diffusers
+
         directory = Path(directory)
-        meta = {"vae_hash": weights_hash(self.vae), **(extra or {})}
-        save_weights(self.denoiser, directory / "denoiser.safetensors", "tiny_transformer", meta)
-        save_weights(self.text_encoder, directory / "text_encoder.safetensors", "word_encoder")
+        save_component(self.transformer, directory / "transformer")
+        save_component(self.text_encoder, directory / "text_encoder")
+        to_diffusers(self.vae).save_pretrained(directory / "vae", safe_serialization=True)
+        component = [__name__, PipelineComponent.__name__]
+        index = {"_class_name": [SHIM, type(self).__name__], "_diffusers_version": diffusers.__version__,
+                 "transformer": component, "text_encoder": component, "vae": ["diffusers", "AutoencoderKL"],
+                 **{k: self.config[k] for k in OPTIONS},
+                 "_tutorial_lib": {"vae_hash": weights_hash(self.vae), **info}}
+        shim = (f'"""Lets diffusers.DiffusionPipeline.from_pretrained(this folder) build the pipeline: '
+                f'needs `pip install tutorial_lib`."""\n'
+                f"from {__name__} import {PipelineComponent.__name__}, {type(self).__name__}  # noqa: F401\n")
+        atomic_write(directory / f"{SHIM}.py", lambda tmp: Path(tmp).write_text(shim))
+        text = json.dumps(index, indent=1)
+        atomic_write(directory / "model_index.json", lambda tmp: Path(tmp).write_text(text))
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, vae: AutoencoderKL | None = None) -> "TextToImagePipeline":
+    def from_pretrained(cls, directory: str | Path, vae: AutoencoderKL | None = None) -> "TextToImagePipeline":
+        """Load a folder written by `save_pretrained`; `vae` replaces its VAE only if it is the same one."""
         directory = Path(directory)
-        vae = vae if vae is not None else load_vae()
-        denoiser, extra = load_model(TinyTransformer, TinyTransformerConfig,
-                                     directory / "denoiser.safetensors", "tiny_transformer")
-        if extra.get("vae_hash") != weights_hash(vae):
-            raise WeightsError(f"{directory}: this denoiser was trained on latents of VAE "
-                               f"{extra.get('vae_hash')}, but the VAE given is {weights_hash(vae)}; "
-                               "retrain it on the current VAE's latents.")
-        text_encoder, _ = load_model(WordEncoder, WordEncoderConfig,
-                                     directory / "text_encoder.safetensors", "word_encoder")
-        return cls(denoiser.eval(), text_encoder.eval(), vae)
+        index_path = directory / "model_index.json"
+        if not index_path.is_file():
+            raise WeightsError(f"{directory} is not a saved pipeline (no model_index.json).")
+        index = json.loads(index_path.read_text())
+        saved_hash = index.get("_tutorial_lib", {}).get("vae_hash")
+        if vae is not None and saved_hash != weights_hash(vae):
+            raise WeightsError(f"{directory}: this denoiser was trained on latents of VAE {saved_hash}, "
+                               f"but the VAE given is {weights_hash(vae)}; retrain it on that VAE's latents.")
+        if vae is None:
+            from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+            vae = from_diffusers(DiffusersAutoencoderKL.from_pretrained(directory / "vae", low_cpu_mem_usage=False))
+        options = {k: index[k] for k in OPTIONS if k in index}
+        return cls(load_component(directory / "transformer"), load_component(directory / "text_encoder"),
+                   vae, **options)
+
+    @staticmethod
+    def training_info(directory: str | Path) -> dict:
+        """What `save_pretrained(..., **info)` recorded (training command, figures), with the VAE hash."""
+        return json.loads((Path(directory) / "model_index.json").read_text()).get("_tutorial_lib", {})

@@ -85,7 +85,7 @@ def x0_denoiser(model, kind: str, schedule):
         return model
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        alpha, sigma = schedule.alpha_sigma_like(t, x)
-        return convert(model(x, t, cond), kind, "x0", x, alpha, sigma)
+        alpha, sigma = schedule.alpha_sigma_like(t, x)  # in t's dtype (float64 on a sampler's grid)
+        return convert(model(x, t, cond), kind, "x0", x, alpha, sigma).to(x.dtype)
 
     return denoiser

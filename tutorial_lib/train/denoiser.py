@@ -55,7 +55,7 @@ def caption_table(text_encoder: WordEncoder) -> torch.Tensor:
 def train_denoiser(cache, cfg: DenoiserTrainConfig | None = None, device: str = "cpu",
                    log_every: int = 50):
     """Returns (EMA weights as ModuleDict(denoiser=..., text_encoder=...) on the CPU, in eval mode,
-    {'step': [...], 'loss': [...]}). `TextToImagePipeline(**nets, vae=vae)` samples with them."""
+    {'step': [...], 'loss': [...]}). `TextToImagePipeline(nets["denoiser"], nets["text_encoder"], vae)` samples with them."""
     cfg = cfg or DenoiserTrainConfig()
     gen = seed_everything(cfg.seed)
     latents, labels = cache.tensors("train")
