@@ -178,13 +178,14 @@ def make_loss_fn(rows_per_class: torch.Tensor, null_row: int, objective: Objecti
 
 def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None) -> CaptionConditionedDiT:
     """The training module for `cfg`; `encoder` (else built from the config) sets the DiT's text_dim."""
+    torch.manual_seed(cfg.trainer.seed)  # a learned encoder's initial weights
     encoder = encoder or text_encoder(cfg.text_encoder, **cfg.text_encoder_kwargs)
     if encoder is None:
         raise RuntimeError(f"The {cfg.text_encoder!r} text encoder is not available here (see the "
                            "message above); choose 'minilm', 'word' or 'one_hot'.")
     if cfg.model.text_dim != encoder.dim:
         cfg.model = dataclasses.replace(cfg.model, text_dim=encoder.dim)
-    torch.manual_seed(cfg.trainer.seed)  # the DiT's initial weights
+    torch.manual_seed(cfg.trainer.seed)  # the DiT's initial weights, with or without `encoder`
     return CaptionConditionedDiT(DiT(cfg.model), encoder, all_training_captions())
 
 
@@ -198,7 +199,8 @@ def train_text_to_image(cfg: TextToImageConfig, latents: torch.Tensor, labels: t
     trainer = Trainer(model, loss_fn, (latents, labels), cfg.trainer, sample_fn)
     if resume:
         trainer.load_checkpoint()
-    Path(cfg.trainer.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.trainer.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if resume or not (trainer.checkpoint_dir / "latest").exists():  # else fit refuses: keep that run's config
+        Path(cfg.trainer.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.trainer.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     trainer.fit()
     return trainer
