@@ -182,11 +182,11 @@ def _word_reference(enc: WordEncoder, prompts: list[str]) -> torch.Tensor:
 
 
 def test_word_encoder_matches_a_written_out_forward_pass():
-    from tutorial_lib.weights import asset, load_model
+    from tutorial_lib.pipeline import load_component
+    from tutorial_lib.weights import asset
 
     assert word_encoder.TextEmbedding is TextEmbedding and issubclass(WordEncoder, TextEncoder)
-    path = asset("tiny_t2i/text_encoder.safetensors")
-    enc, _ = load_model(WordEncoder, WordEncoderConfig, path, "word_encoder")
+    enc = load_component(asset("tiny_t2i/text_encoder"))
     prompts = ["a photo of a sneaker", "", "my favourite zeppelin"]
     with torch.no_grad():
         emb = enc.eval().encode(prompts)

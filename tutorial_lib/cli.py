@@ -122,7 +122,9 @@ def _dit_config(a):
     from .train.trainer import TrainerConfig
 
     if a.config:
-        return TextToImageConfig.from_dict(json.loads(Path(a.config).read_text()))
+        cfg = TextToImageConfig.from_dict(json.loads(Path(a.config).read_text()))
+        cfg.trainer.device = cfg.trainer.device or a.device  # the file's device wins; else --device
+        return cfg
     objective = Objective(prediction=a.prediction, schedule=a.schedule, cond_drop=a.cond_drop,
                           t_distribution=a.t_distribution, min_snr_gamma=a.min_snr_gamma)
     trainer = TrainerConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
@@ -156,7 +158,7 @@ def _train_dit(a):
                                sampler="flow_euler" if o.prediction == "flow" else "ddim")
     record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
               "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}
-    pipe.save_pretrained(a.out, training=record)
+    pipe.save_pretrained(a.out, **record)
     print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
                       "final_loss": round(record["final_loss"], 4)}))
     return pipe
@@ -261,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=("tiny", "dit"), default="tiny",
                    help="tiny: notebook 01's transformer (--preset cpu|base); dit: notebook 03's DiT "
                         "(--preset tiny, DiT-S/2, ...)")
-    p.add_argument("--config", help="dit: a JSON TextToImageConfig (replaces the flags below)")
+    p.add_argument("--config", help="dit: a JSON TextToImageConfig (replaces the other training flags, "
+                   "--seed included; --device applies when the file sets no device)")
     p.add_argument("--text-encoder", default="minilm", help="dit: one_hot, word, minilm or clip")
     p.add_argument("--prediction", default="v", help="dit: x0, eps, v or flow")
     p.add_argument("--schedule", default="cosine", help="dit: cosine, linear, scaled_linear or flow")
@@ -280,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="write a sample grid, one row per class prompt")
-    p.add_argument("--model", type=Path, default=ASSETS_DIR / "tiny_t2i")
+    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i")
     p.add_argument("--out", type=Path, default=Path("outputs/samples.png"))
     p.add_argument("--per-class", type=int, default=8)
     _add_sampling(p)
@@ -288,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="class accuracy and FID of a model's samples")
-    p.add_argument("--model", type=Path, default=ASSETS_DIR / "tiny_t2i")
+    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i")
     _add_eval(p, per_prompt=100)
     _add_sampling(p)
     _add_common(p)
