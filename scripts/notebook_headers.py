@@ -34,7 +34,7 @@ def header_cells(notebook: str) -> list[dict]:
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
-        f'    %pip install -q "tutorial_lib[hf] @ git+{url}"\n'
+        f'    %pip install -q "tutorial_lib[hf,minilm] @ git+{url}"\n'
         "    !apt-get -qq install -y dataset-fashion-mnist > /dev/null"
     )
     return [
