@@ -320,5 +320,5 @@ def test_cli_trains_a_dit_from_a_config_file(data, tmp_path, monkeypatch, capsys
                                            if k.startswith("transformer.")})
     assert_same_weights(pipe.text_encoder, {k[len("text_encoder."):]: v for k, v in ema.items()
                                             if k.startswith("text_encoder.")})
-    training = TextToImagePipeline.training_info(out)["training"]
+    training = TextToImagePipeline.training_info(out)
     assert training["train_config"]["trainer"]["steps"] == 2 and "--config" in training["command"]
