@@ -37,7 +37,7 @@ from .diffusion.samplers import SAMPLERS
 from .diffusion.schedules import get_schedule
 from .models.dit import DiT, DiTConfig
 from .models.tiny_transformer import TinyTransformer, TinyTransformerConfig
-from .text import (CLIPEncoder, MiniLMEncoder, OneHotConfig, OneHotEncoder, TextEmbedding, TextEncoder,
+from .text import (MiniLMEncoder, OneHotConfig, OneHotEncoder, TextEmbedding, TextEncoder,
                    WordEncoder, WordEncoderConfig, check_prompts, load_clip_encoder)
 from .vae.autoencoder import AutoencoderKL, load_vae
 from .vae.diffusers_interop import from_diffusers, to_diffusers
@@ -49,7 +49,7 @@ SHIM = "tutorial_pipeline"
 TRAINED = {"DiT": (DiT, DiTConfig), "TinyTransformer": (TinyTransformer, TinyTransformerConfig),
            "WordEncoder": (WordEncoder, WordEncoderConfig), "OneHotEncoder": (OneHotEncoder, OneHotConfig)}
 OPTIONS = ("prediction", "schedule", "zero_terminal_snr", "sampler")  # sampling config in model_index.json
-PRETRAINED = {"MiniLMEncoder": MiniLMEncoder, "CLIPEncoder": CLIPEncoder}
+PRETRAINED = ("MiniLMEncoder", "CLIPEncoder")  # saved as a name and a weights hash, not weights
 
 
 def _concat(a: TextEmbedding, b: TextEmbedding) -> TextEmbedding:
@@ -144,7 +144,6 @@ class TextToImagePipeline(DiffusionPipeline):
     sampler       one of diffusion.samplers.SAMPLERS
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae"]  # a component diffusers loads, though the default is the shipped VAE
 
     def __init__(self, transformer, text_encoder, vae=None, prediction: str = "x0", schedule: str = "cosine",
