@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tutorial_lib.diffusion.parametrizations import (PREDICTIONS, convert, prediction_target, to_x0_eps,
-                                                     x0_denoiser)
+                                                     well_defined, x0_denoiser)
 from tutorial_lib.diffusion.schedules import COSINE, FLOW, get_schedule
 
 ZTSNR = get_schedule("scaled_linear", zero_terminal_snr=True)
@@ -94,3 +94,16 @@ def test_unknown_prediction():
                  lambda: x0_denoiser(None, "epsilon", COSINE)):
         with pytest.raises(ValueError, match="Unknown prediction"):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_snr_zero_up_to_rounding_counts_as_zero(dtype):
+    """cos(pi / 2) is -4e-8 in float32 and 6e-17 in float64: eps is as undefined there as at an exact
+    0, and x0 at sin(0); the other conversions, and eps a little below t = 1, stay defined."""
+    end, start = COSINE.alpha_sigma(torch.tensor(1.0, dtype=dtype)), COSINE.alpha_sigma(torch.tensor(0.0, dtype=dtype))
+    assert not well_defined("eps", *end) and not well_defined("x0", *start)
+    assert all(well_defined(k, *end) for k in ("x0", "v", "flow"))
+    assert well_defined("eps", *COSINE.alpha_sigma(torch.tensor(0.99, dtype=dtype)))
+    x = torch.randn(2, 3, dtype=dtype)
+    with pytest.raises(ValueError, match="from eps"):
+        convert(x, "eps", "x0", x, *end)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tutorial_lib.data.captions import CLASS_PROMPTS
+from tutorial_lib.diffusion.schedules import get_schedule
 from tutorial_lib.pipeline import TextToImagePipeline
 from tutorial_lib.weights import WeightsError, asset, weights_hash
 
@@ -200,6 +201,28 @@ def test_dit_pipeline_seeded_and_round_trips(dit_parts, shipped_vae, tmp_path):
     loaded = TextToImagePipeline.from_pretrained(tmp_path / "dit")
     assert loaded.config.sampler == "dpmpp_2m" and loaded.config.prediction == "v"
     assert torch.equal(loaded.generate(["a bag", "a coat"], num_inference_steps=STEPS, seed=4), a)
+
+
+def test_eps_cannot_start_at_snr_zero(dit_parts, shipped_vae, tmp_path):
+    """On the cosine schedule alpha(1) = cos(pi / 2) is 0 up to rounding: an eps model's x0_hat there
+    is noise / 6e-17. The pipeline refuses that start and samples from t_max < 1 instead."""
+    from tutorial_lib.pipeline import EPS_T_MAX, start_level
+
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    with pytest.raises(ValueError, match="t_max"):
+        TextToImagePipeline(dit, text, shipped_vae, prediction="eps").generate("a bag", num_inference_steps=STEPS)
+    assert start_level("eps", get_schedule("cosine")) == EPS_T_MAX < 1
+    assert start_level("eps", get_schedule("scaled_linear")) == 1.0  # SNR(1) = 4.7e-3 > 0
+    assert start_level("v", get_schedule("cosine")) == start_level("flow", get_schedule("flow")) == 1.0
+
+    pipe = TextToImagePipeline(dit, text, shipped_vae, prediction="eps", t_max=EPS_T_MAX)
+    levels = []
+    images = pipe.generate("a bag", num_inference_steps=STEPS, callback=lambda i, t, x, x0: levels.append(t))
+    assert torch.isfinite(images).all() and levels[0] == pytest.approx(EPS_T_MAX)
+    pipe.save_pretrained(tmp_path / "eps")
+    assert TextToImagePipeline.from_pretrained(tmp_path / "eps").config.t_max == EPS_T_MAX
+    with pytest.raises(ValueError, match="t_max"):
+        TextToImagePipeline(dit, text, shipped_vae, t_max=0.0)
 
 
 def test_mismatched_parts_are_refused(dit_parts, shipped_vae):

@@ -125,8 +125,10 @@ def _dit_config(a):
         cfg = TextToImageConfig.from_dict(json.loads(Path(a.config).read_text()))
         cfg.trainer.device = cfg.trainer.device or a.device  # the file's device wins; else --device
         return cfg
-    objective = Objective(prediction=a.prediction, schedule=a.schedule, cond_drop=a.cond_drop,
-                          t_distribution=a.t_distribution, min_snr_gamma=a.min_snr_gamma)
+    objective = Objective(prediction=a.prediction, schedule=a.schedule, zero_terminal_snr=a.zero_terminal_snr,
+                          cond_drop=a.cond_drop, t_distribution=a.t_distribution, t_shift=a.t_shift,
+                          min_snr_gamma=a.min_snr_gamma, offset_noise=a.offset_noise,
+                          input_perturbation=a.input_perturbation)
     trainer = TrainerConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
                             grad_accum_steps=a.grad_accum, ema_decay=a.ema_decay,
                             mixed_precision=a.mixed_precision, compile=a.compile, seed=a.seed,
@@ -138,7 +140,7 @@ def _dit_config(a):
 
 def _train_dit(a):
     from .data.latents import latent_cache
-    from .pipeline import TextToImagePipeline
+    from .pipeline import TextToImagePipeline, start_level
     from .text import text_encoder
     from .train import distributed
     from .train.text_to_image import train_text_to_image
@@ -155,7 +157,8 @@ def _train_dit(a):
     o = cfg.objective
     pipe = TextToImagePipeline(ema.transformer, encoder, prediction=o.prediction, schedule=o.schedule,
                                zero_terminal_snr=o.zero_terminal_snr,
-                               sampler="flow_euler" if o.prediction == "flow" else "ddim")
+                               sampler="flow_euler" if o.prediction == "flow" else "ddim",
+                               t_max=start_level(o.prediction, o.noise_schedule()))
     record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
               "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}
     pipe.save_pretrained(a.out, **record)
@@ -268,9 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default="minilm", help="dit: one_hot, word, minilm or clip")
     p.add_argument("--prediction", default="v", help="dit: x0, eps, v or flow")
     p.add_argument("--schedule", default="cosine", help="dit: cosine, linear, scaled_linear or flow")
+    p.add_argument("--zero-terminal-snr", action="store_true", help="dit: rescale a beta schedule to SNR(1) = 0")
     p.add_argument("--t-distribution", default="uniform", help="dit: uniform, beta or logit_normal")
+    p.add_argument("--t-shift", type=float, default=1.0, help="dit: > 1 biases training t towards noise")
     p.add_argument("--min-snr-gamma", type=float, default=None, help="dit: min-SNR-gamma loss weights")
     p.add_argument("--cond-drop", type=float, default=0.1, help="dit: null-caption probability")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="dit: offset-noise strength (e.g. 0.1)")
+    p.add_argument("--input-perturbation", type=float, default=0.0, help="dit: input-perturbation gamma")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ema-decay", type=float, default=0.999)

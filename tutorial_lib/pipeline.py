@@ -32,9 +32,9 @@ from diffusers.configuration_utils import ConfigMixin
 from safetensors.torch import load_file, save_file
 
 from .diffusion.guidance import cfg_denoiser
-from .diffusion.parametrizations import PREDICTIONS, x0_denoiser
+from .diffusion.parametrizations import PREDICTIONS, well_defined, x0_denoiser
 from .diffusion.samplers import SAMPLERS
-from .diffusion.schedules import get_schedule
+from .diffusion.schedules import Schedule, get_schedule
 from .models.dit import DiT, DiTConfig
 from .models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from .text import (MiniLMEncoder, OneHotConfig, OneHotEncoder, TextEmbedding, TextEncoder,
@@ -48,7 +48,8 @@ SHIM = "tutorial_pipeline"
 # Components saved as (config dataclass + safetensors): class name -> (class, config class).
 TRAINED = {"DiT": (DiT, DiTConfig), "TinyTransformer": (TinyTransformer, TinyTransformerConfig),
            "WordEncoder": (WordEncoder, WordEncoderConfig), "OneHotEncoder": (OneHotEncoder, OneHotConfig)}
-OPTIONS = ("prediction", "schedule", "zero_terminal_snr", "sampler")  # sampling config in model_index.json
+EPS_T_MAX = 0.99  # alpha = 0.016, SNR 2.5e-4 on the cosine schedule (DDPM's linear one ends at 4e-5)
+OPTIONS = ("prediction", "schedule", "zero_terminal_snr", "sampler", "t_max")  # sampling config in model_index.json
 PRETRAINED = ("MiniLMEncoder", "CLIPEncoder")  # saved as a name and a weights hash, not weights
 
 
@@ -71,6 +72,13 @@ def latent_shape(transformer) -> tuple[int, int, int]:
     if isinstance(cfg, DiTConfig):
         return (cfg.in_channels, *cfg.input_size)
     return cfg.latent_channels, cfg.latent_size, cfg.latent_size
+
+
+def start_level(prediction: str, schedule: Schedule) -> float:
+    """Where sampling starts: t = 1, except where a `prediction` says nothing about x0 there (eps on a
+    schedule that ends at SNR 0), which starts at EPS_T_MAX instead."""
+    return 1.0 if well_defined(prediction, *schedule.alpha_sigma(torch.ones(1, dtype=torch.float64))) \
+        else EPS_T_MAX
 
 
 # ----------------------------------------------------------------------------- component folders
@@ -142,13 +150,16 @@ class TextToImagePipeline(DiffusionPipeline):
     text_encoder  a tutorial_lib TextEncoder (the one it was trained with)
     vae           our AutoencoderKL (or a diffusers one, converted); default: the shipped VAE
     sampler       one of diffusion.samplers.SAMPLERS
+    t_max         the noise level sampling starts from; below 1 for eps on a schedule ending at SNR 0
     """
 
     _optional_components = ["vae"]  # a component diffusers loads, though the default is the shipped VAE
 
     def __init__(self, transformer, text_encoder, vae=None, prediction: str = "x0", schedule: str = "cosine",
-                 zero_terminal_snr: bool = False, sampler: str = "ddim"):
+                 zero_terminal_snr: bool = False, sampler: str = "ddim", t_max: float = 1.0):
         super().__init__()
+        if not 0 < t_max <= 1:
+            raise ValueError(f"t_max, the noise level sampling starts from, must be in (0, 1], got {t_max}.")
         if prediction not in PREDICTIONS:
             raise ValueError(f"Unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}.")
         if sampler not in SAMPLERS:
@@ -167,7 +178,7 @@ class TextToImagePipeline(DiffusionPipeline):
                              f"VAE makes {vae.config.latent_channels}.")
         self.register_modules(transformer=transformer, text_encoder=text_encoder, vae=vae)
         self.register_to_config(prediction=prediction, schedule=schedule,
-                                zero_terminal_snr=zero_terminal_snr, sampler=sampler)
+                                zero_terminal_snr=zero_terminal_snr, sampler=sampler, t_max=t_max)
         self.noise_schedule = get_schedule(schedule, zero_terminal_snr)
 
     @property
@@ -203,7 +214,11 @@ class TextToImagePipeline(DiffusionPipeline):
         kwargs = {"schedule": self.noise_schedule}
         if self.config.sampler in ("ddpm", "ddim"):
             kwargs["generator"] = generator
-        ts = self.noise_schedule.grid(num_inference_steps)
+        ts = self.noise_schedule.grid(num_inference_steps, t_max=self.config.t_max)
+        if not well_defined(self.config.prediction, *self.noise_schedule.alpha_sigma(ts[:1])):
+            raise ValueError(f"An {self.config.prediction} prediction says nothing about the image at "
+                             f"t_max = {self.config.t_max}, where the {self.config.schedule} schedule's SNR is 0; "
+                             f"start below it (e.g. t_max=0.99) or train v or flow (notebook 04).")
         return sampler(self.denoiser(guidance_scale), noise, ts, (cond, null), callback, **kwargs)
 
     @torch.no_grad()

@@ -27,7 +27,8 @@ Where it is defined: only where det != 0, so converting *from*
     eps  (det = alpha)  fails at alpha = 0 (SNR 0: t = 1 on cosine, flow, zero-terminal-SNR
                         schedules): there x_t = eps says nothing about x0;
     v    (det = alpha^2 + sigma^2) and flow (det = alpha + sigma) never fail.
-Those two cases raise. Converting *to* any target is always defined once (x0, eps) are known.
+Those two cases raise (also where det is 0 up to rounding, as cos(pi / 2) in floating point).
+Converting *to* any target is always defined once (x0, eps) are known.
 """
 
 from __future__ import annotations
@@ -58,12 +59,24 @@ def prediction_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, alpha, sig
     return a * x0 + b * eps
 
 
+def well_defined(kind: str, alpha, sigma) -> bool:
+    """Whether a `kind` prediction determines (x0, eps) at every level given: det != 0 beyond
+    rounding, |det| > eps_dtype (|alpha| + |sigma|)(|a| + |b|), so that float32's cos(pi / 2) =
+    -4e-8, float64's 6e-17, count as the SNR 0 they stand for."""
+    alpha, sigma = torch.as_tensor(alpha), torch.as_tensor(sigma)
+    a, b = coefficients(kind, alpha, sigma)
+    det = alpha * b - sigma * a
+    dtype = det.dtype if det.is_floating_point() else torch.get_default_dtype()
+    scale = (alpha.abs() + sigma.abs()) * (torch.as_tensor(a).abs() + torch.as_tensor(b).abs())
+    return bool((det.abs() > torch.finfo(dtype).eps * scale).all())
+
+
 def to_x0_eps(pred: torch.Tensor, kind: str, x_t: torch.Tensor, alpha,
               sigma) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) from a `kind` prediction at x_t: the 2 x 2 solve in the module docstring."""
     a, b = coefficients(kind, alpha, sigma)
     det = alpha * b - sigma * a
-    if (torch.as_tensor(det) == 0).any():
+    if not well_defined(kind, alpha, sigma):
         raise ValueError(f"Cannot convert from {kind}: {_UNDEFINED[kind]}.")
     return (b * x_t - sigma * pred) / det, (alpha * pred - a * x_t) / det
 
