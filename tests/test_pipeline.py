@@ -203,6 +203,30 @@ def test_dit_pipeline_seeded_and_round_trips(dit_parts, shipped_vae, tmp_path):
     assert torch.equal(loaded.generate(["a bag", "a coat"], num_inference_steps=STEPS, seed=4), a)
 
 
+def test_saved_without_the_vae_loads_the_shipped_one(dit_parts, shipped_vae, tiny_vae, tmp_path):
+    """with_vae=False (notebook 04's study models): float16 weights load back as float32, the shipped
+    VAE comes in by its hash, and another VAE is refused either way."""
+    import diffusers
+
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    pipe = TextToImagePipeline(dit, text, shipped_vae, prediction="v")
+    expected = pipe.generate("a bag", num_inference_steps=STEPS, seed=2)
+    pipe.transformer.half()
+    pipe.save_pretrained(tmp_path / "p", with_vae=False)
+    assert not (tmp_path / "p" / "vae").exists()
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "p")
+    assert next(loaded.transformer.parameters()).dtype == torch.float32
+    assert weights_hash(loaded.vae) == weights_hash(shipped_vae)
+    torch.testing.assert_close(loaded.generate("a bag", num_inference_steps=STEPS, seed=2), expected,
+                               atol=2e-2, rtol=0)  # float16 weights
+    via_diffusers = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "p", trust_remote_code=True)
+    assert weights_hash(via_diffusers.vae) == weights_hash(shipped_vae)
+    with pytest.raises(WeightsError, match="VAE"):
+        TextToImagePipeline.from_pretrained(tmp_path / "p", vae=tiny_vae)
+    with pytest.raises(ValueError, match="shipped VAE"):
+        TextToImagePipeline(dit.float(), text, tiny_vae).save_pretrained(tmp_path / "q", with_vae=False)
+
+
 def test_eps_cannot_start_at_snr_zero(dit_parts, shipped_vae, tmp_path):
     """On the cosine schedule alpha(1) = cos(pi / 2) is 0 up to rounding: an eps model's x0_hat there
     is noise / 6e-17. The pipeline refuses that start and samples from t_max < 1 instead."""

@@ -233,18 +233,22 @@ class TextToImagePipeline(DiffusionPipeline):
         return [to_pil(img) for img in self.generate(prompt, **kwargs)]
 
     # ------------------------------------------------------------------------- save / load
-    def save_pretrained(self, directory: str | Path, **info) -> Path:
+    def save_pretrained(self, directory: str | Path, with_vae: bool = True, **info) -> Path:
         """Write the diffusers layout (module docstring); `info` (JSON) goes into model_index.json
-        under "_tutorial_lib" (e.g. the training command and its figures)."""
+        under "_tutorial_lib" (e.g. the training command and its figures). `with_vae=False` leaves the
+        VAE out (it must be the shipped one, which loading then uses), to save space."""
         import diffusers
 
         directory = Path(directory)
         save_component(self.transformer, directory / "transformer")
         save_component(self.text_encoder, directory / "text_encoder")
-        to_diffusers(self.vae).save_pretrained(directory / "vae", safe_serialization=True)
+        if with_vae:
+            to_diffusers(self.vae).save_pretrained(directory / "vae", safe_serialization=True)
+        elif weights_hash(self.vae) != weights_hash(load_vae()):
+            raise ValueError("with_vae=False is for pipelines on the shipped VAE; this one has another.")
         component = [__name__, PipelineComponent.__name__]
         index = {"_class_name": [SHIM, type(self).__name__], "_diffusers_version": diffusers.__version__,
-                 "transformer": component, "text_encoder": component, "vae": ["diffusers", "AutoencoderKL"],
+                 "transformer": component, "text_encoder": component, "vae": ["diffusers", "AutoencoderKL"] if with_vae else [None, None],
                  **{k: self.config[k] for k in OPTIONS},
                  "_tutorial_lib": {"vae_hash": weights_hash(self.vae), **info}}
         shim = (f'"""Lets diffusers.DiffusionPipeline.from_pretrained(this folder) build the pipeline: '
@@ -267,6 +271,10 @@ class TextToImagePipeline(DiffusionPipeline):
         if vae is not None and saved_hash != weights_hash(vae):
             raise WeightsError(f"{directory}: this denoiser was trained on latents of VAE {saved_hash}, "
                                f"but the VAE given is {weights_hash(vae)}; retrain it on that VAE's latents.")
+        if vae is None and not (directory / "vae").is_dir():
+            vae = load_vae()  # saved with_vae=False: the shipped VAE
+            if weights_hash(vae) != saved_hash:
+                raise WeightsError(f"{directory} has no vae/ and was not trained on the shipped VAE.")
         if vae is None:
             from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
