@@ -14,7 +14,7 @@ from tutorial_lib.data.captions import all_training_captions
 from tutorial_lib.diffusion.losses import sample_timesteps
 from tutorial_lib.diffusion.parametrizations import PREDICTIONS, prediction_target
 from tutorial_lib.models.dit import DiT, preset
-from tutorial_lib.pipeline import TextToImagePipeline
+from tutorial_lib.pipeline import EPS_T_MAX, TextToImagePipeline
 from tutorial_lib.text import OneHotConfig, OneHotEncoder, clear_memory_cache, prompt_label
 from tutorial_lib.train.text_to_image import (CaptionConditionedDiT, Objective, TextToImageConfig, build,
                                               class_caption_rows, diffusion_loss, make_loss_fn,
@@ -322,3 +322,18 @@ def test_cli_trains_a_dit_from_a_config_file(data, tmp_path, monkeypatch, capsys
                                             if k.startswith("text_encoder.")})
     training = TextToImagePipeline.training_info(out)
     assert training["train_config"]["trainer"]["steps"] == 2 and "--config" in training["command"]
+    assert pipe.config.t_max == EPS_T_MAX < 1  # eps cannot start at the cosine schedule's SNR 0
+
+
+def test_cli_objective_flags():
+    from tutorial_lib.cli import _dit_config, build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--model", "dit", "--prediction", "eps", "--schedule", "scaled_linear", "--zero-terminal-snr",
+         "--offset-noise", "0.1", "--input-perturbation", "0.05", "--t-distribution", "logit_normal",
+         "--t-shift", "3", "--min-snr-gamma", "5"])
+    o = _dit_config(args).objective
+    assert (o.prediction, o.schedule, o.zero_terminal_snr, o.offset_noise, o.input_perturbation,
+            o.t_distribution, o.t_shift, o.min_snr_gamma) == ("eps", "scaled_linear", True, 0.1, 0.05,
+                                                              "logit_normal", 3.0, 5.0)
+    assert _dit_config(build_parser().parse_args(["train", "--model", "dit"])).objective == Objective()
