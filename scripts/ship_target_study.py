@@ -41,7 +41,8 @@ def main():
         shutil.rmtree(dest, ignore_errors=True)
         shipped.save_pretrained(dest, with_vae=False, **info)
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-        print(f"{run.name}: {c.prediction} on {c.schedule}, t_max {shipped.config.t_max} -> {dest} ({size / 1e6:.1f} MB)")
+        print(f"{run.name}: {c.prediction} on {c.schedule}, t_max {shipped.config.t_max} -> {dest} "
+              f"({size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -248,7 +248,8 @@ class TextToImagePipeline(DiffusionPipeline):
             raise ValueError("with_vae=False is for pipelines on the shipped VAE; this one has another.")
         component = [__name__, PipelineComponent.__name__]
         index = {"_class_name": [SHIM, type(self).__name__], "_diffusers_version": diffusers.__version__,
-                 "transformer": component, "text_encoder": component, "vae": ["diffusers", "AutoencoderKL"] if with_vae else [None, None],
+                 "transformer": component, "text_encoder": component,
+                 "vae": ["diffusers", "AutoencoderKL"] if with_vae else [None, None],  # None: the shipped VAE
                  **{k: self.config[k] for k in OPTIONS},
                  "_tutorial_lib": {"vae_hash": weights_hash(self.vae), **info}}
         shim = (f'"""Lets diffusers.DiffusionPipeline.from_pretrained(this folder) build the pipeline: '
