@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 
+from .parametrizations import well_defined
 from .schedules import COSINE, FLOW, Schedule
 
 
@@ -61,8 +62,9 @@ def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 
 def _no_signal(alpha, sigma) -> bool:
-    """SNR below the dtype's resolution, so that s = sigma / alpha is (numerically) infinite."""
-    return bool(alpha**2 <= torch.finfo(alpha.dtype).eps * sigma**2)
+    """SNR 0 up to rounding, so that s = sigma / alpha is (numerically) infinite: the level where
+    x_t says nothing about x0, as for an eps prediction (`parametrizations.well_defined`)."""
+    return not well_defined("eps", alpha, sigma)
 
 
 def _transition_var(alpha_t, sigma_t, alpha_s, sigma_s):
