@@ -132,3 +132,16 @@ def real_test_features(shipped_classifier, real_test):
     images, labels = real_test
     feats, logits = features(shipped_classifier, to_model_images(images[:2000]))
     return feats, logits, torch.as_tensor(labels[:2000])
+
+
+# ----------------------------------------------------------------------------- markers
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests need a GPU (scripts/gpu_check.sh runs them there); `slow` ones TUTORIAL_SLOW_TESTS=1."""
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+    skip_slow = pytest.mark.skip(reason="slow: set TUTORIAL_SLOW_TESTS=1 to run it")
+    slow_ok = os.environ.get("TUTORIAL_SLOW_TESTS") == "1"
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "slow" in item.keywords and not slow_ok:
+            item.add_marker(skip_slow)
