@@ -6,6 +6,7 @@ steps as one process on the same global batch of 8: bit for bit when that proces
 same two micro-batches (dividing by 2 is exact, and the sum of two gradients does not depend on
 the order), and within 1e-6 when it takes all 8 at once (other float rounding in the reductions).
 (c) A DDP run stopped and resumed from its checkpoint ends where the uninterrupted one does.
+(d) `main_first`: rank 0 alone encodes the latent cache, the other rank waits and reads the same one.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tests.test_trainer import assert_same_state, mlp, mse_loss, regression_data
+from tutorial_lib.data import latents as latents_mod
 from tutorial_lib.train import distributed
 from tutorial_lib.train.trainer import Trainer, TrainerConfig
+from tutorial_lib.weights import weights_hash
 
 WORLD = 2
 TOLERANCE = 1e-6  # max |difference| of weights after 6 steps, DDP vs one process with one micro-batch
@@ -51,6 +54,7 @@ def _worker(rank: int, port: int, root: str):
     try:
         trainer = Trainer(mlp(seed=rank), mse_loss, regression_data(), run_config(root / "ddp"))
         assert trainer.dist.world_size == WORLD and trainer.dist.rank == rank
+        assert not trainer.net.broadcast_buffers  # constant buffers are not re-sent every step
         history = trainer.fit()  # each rank built other weights: DDP's broadcast makes them rank 0's
         save_file(trainer.model.state_dict(), root / f"ddp_rank{rank}.safetensors")
         (root / f"ddp_rank{rank}.json").write_text(json.dumps(history))
@@ -78,6 +82,40 @@ def _worker(rank: int, port: int, root: str):
         distributed.cleanup()
 
 
+def _latent_cache_worker(rank: int, port: int, root: str, vae, data):
+    """One rank: the CLI's way to open the latent cache, counting this rank's encodes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    encode, encodes = latents_mod._encode, []
+
+    def counted_encode(*args):
+        encodes.append(args[-1])
+        return encode(*args)
+
+    latents_mod._encode = counted_encode
+    latents_mod.load_fashion_mnist = lambda split: data[split]
+    root = Path(root)
+    try:
+        info = distributed.setup()
+        cache = distributed.main_first(lambda: latents_mod.latent_cache(vae=vae, root=root / "latents"), info)
+        save_file({"latents": cache.tensors("train")[0]}, root / f"latents_rank{rank}.safetensors")
+        (root / f"encodes_rank{rank}.json").write_text(json.dumps(encodes))
+    finally:
+        distributed.cleanup()
+
+
+def spawn(worker, args, seconds: int = 120):
+    """Run `worker(rank, port, *args)` on WORLD processes; fail the test if one fails or hangs."""
+    context = mp.spawn(worker, args=(free_port(), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"The workers did not finish in {seconds} s.")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,13 +125,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("The DDP workers did not finish in 120 s.")
+    spawn(_worker, (str(root),))
     return root
 
 
@@ -137,3 +169,15 @@ def test_one_process_is_a_world_of_one():
     assert torch.equal(distributed.all_gather(t, info)[0], t)
     model = mlp()
     assert distributed.wrap(model, info, torch.device("cpu")) is model
+    assert distributed.main_first(lambda: "built", info) == "built"
+
+
+def test_rank_0_alone_builds_the_latent_cache(tiny_vae, real_test, tmp_path):
+    images, labels = real_test
+    data = {"train": (images[:16], labels[:16]), "test": (images[16:24], labels[16:24])}
+    spawn(_latent_cache_worker, (str(tmp_path), tiny_vae, data))
+    encodes = [json.loads((tmp_path / f"encodes_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert encodes == [["encoding train", "encoding test"], []]  # rank 1 waited, then found it built
+    rank0, rank1 = (load_file(tmp_path / f"latents_rank{r}.safetensors")["latents"] for r in range(WORLD))
+    assert rank0.shape == (16, 4, 16, 16) and torch.equal(rank0, rank1)
+    assert [p.name for p in (tmp_path / "latents").iterdir()] == [f"vae-{weights_hash(tiny_vae)}"]

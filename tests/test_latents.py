@@ -7,6 +7,10 @@ Every test builds its cache under tmp_path with a tiny VAE and a few dozen real 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +116,31 @@ def test_changed_scaling_factor_gets_a_new_cache(tiny_vae, tmp_path, few_images)
                                rtol=1e-5, atol=1e-6)
 
 
+def _truncate(path):
+    npy = path / "train_latents.npy"
+    npy.write_bytes(npy.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("damage, detail", [
+    (lambda path: (path / "meta.json").unlink(), "meta.json"),  # an older version crashed mid-build
+    (lambda path: (path / "test_labels.npy").unlink(), "test_labels.npy"),
+    (_truncate, "mmap length is greater than file size"),
+], ids=["no meta.json", "an array missing", "an array truncated"])
+def test_damaged_cache_is_reported_and_rebuilt(damage, detail, tiny_vae, tmp_path, few_images, capsys):
+    path = latent_cache(vae=tiny_vae, root=tmp_path).path
+    good = {split: np.array(LatentCache(path).latents(split)) for split in ("train", "test")}
+    _, calls = few_images
+    damage(path)
+    cache = latent_cache(vae=tiny_vae, root=tmp_path)
+    message = capsys.readouterr().out
+    assert f"Rebuilding the latent cache {path}: it is incomplete or damaged" in message and detail in message
+    assert cache.path == path and calls == ["train", "test"] * 2
+    for split in ("train", "test"):
+        assert np.array_equal(np.array(cache.latents(split)), good[split])
+        assert np.array_equal(cache.labels(split), few_images[0][split][1])
+    assert latents_mod._problem(path) is None and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_incomplete_cache_is_rebuilt(tiny_vae, tmp_path, few_images):
     """A folder without meta.json (a crash mid-build) is not trusted."""
     path = tmp_path / f"vae-{weights_hash(tiny_vae)}"
@@ -119,3 +148,65 @@ def test_incomplete_cache_is_rebuilt(tiny_vae, tmp_path, few_images):
     (path / "train_latents.npy").write_bytes(b"half a file")
     cache = latent_cache(vae=tiny_vae, root=tmp_path)
     assert cache.path == path and cache.latents("train").shape == (40, 4, 16, 16)
+
+
+def test_stale_caches_are_removed_but_builds_in_progress_are_not(tiny_vae, tmp_path, few_images):
+    stale = tmp_path / "vae-0123456789abcdef"  # another VAE's finished cache
+    building = tmp_path / ".vae-0123456789abcdef.tmp-4242-0a1b2c3d"  # another process is writing it
+    dead = tmp_path / ".vae-fedcba9876543210.tmp-4243-4e5f6a7b"  # its process died two days ago
+    for folder in (stale, building, dead):
+        folder.mkdir()
+        (folder / "train_latents.npy").write_bytes(b"latents")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(dead, (two_days_ago, two_days_ago))
+    cache = latent_cache(vae=tiny_vae, root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([building.name, cache.path.name])
+    assert (building / "train_latents.npy").read_bytes() == b"latents"
+
+
+def _build_beside_another_process(vae, data, root: str, both_built, out: str):
+    """One of two processes that build the same cache at once: neither publishes before both built."""
+    torch.set_num_threads(1)
+    latents_mod.load_fashion_mnist = lambda split: data[split]
+    publish, encodes = latents_mod._publish, []
+
+    def publish_together(tmp, path):
+        both_built.wait(timeout=60)
+        publish(tmp, path)
+
+    def counted_encode(*args):
+        encodes.append(args[-1])
+        return encode(*args)
+
+    encode = latents_mod._encode
+    latents_mod._publish, latents_mod._encode = publish_together, counted_encode
+    cache = latent_cache(vae=vae, root=root)
+    np.save(out, np.array(cache.latents("train")))
+    Path(out).with_suffix(".json").write_text(json.dumps({"path": str(cache.path), "encodes": encodes}))
+
+
+def test_two_processes_building_the_same_cache_at_once(tiny_vae, tmp_path, few_images):
+    data, _ = few_images
+    root = tmp_path / "latents"
+    context = multiprocessing.get_context("spawn")
+    both_built = context.Barrier(2)
+    outs = [tmp_path / f"process{i}.npy" for i in range(2)]
+    processes = [context.Process(target=_build_beside_another_process,
+                                 args=(tiny_vae, data, str(root), both_built, str(out))) for out in outs]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        if process.exitcode is None:
+            process.kill()
+    assert [process.exitcode for process in processes] == [0, 0]
+
+    key = f"vae-{weights_hash(tiny_vae)}"
+    results = [json.loads(out.with_suffix(".json").read_text()) for out in outs]
+    assert all(r["encodes"] == ["encoding train", "encoding test"] for r in results)  # both really built
+    assert {r["path"] for r in results} == {str(root / key)}
+    assert sorted(p.name for p in root.iterdir()) == [key]  # one cache, no private folder left
+    assert latents_mod._problem(root / key) is None
+    first, second = (np.load(out) for out in outs)
+    assert first.shape == (40, 4, 16, 16) and np.array_equal(first, second)
+    assert np.array_equal(np.array(LatentCache(root / key).latents("train")), first)

@@ -146,7 +146,8 @@ def _train_dit(a):
     from .train.text_to_image import train_text_to_image
 
     cfg = _dit_config(a)
-    latents, labels = latent_cache().tensors("train")
+    info = distributed.setup()  # join the process group first, so that only rank 0 encodes the cache
+    latents, labels = distributed.main_first(latent_cache, info).tensors("train")
     start = time.perf_counter()
     trainer = train_text_to_image(cfg, latents, labels, resume=a.resume)
     seconds = time.perf_counter() - start

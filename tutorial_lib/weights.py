@@ -1,8 +1,8 @@
 """Weights as safetensors, with the model's config stored beside them in the file's metadata.
 
 Loading checks the config first: weights from another config are refused with both configs
-named, never half-loaded. Writes are atomic (temporary file, then rename), so a crash mid-write
-leaves the previous file intact. Nothing is ever unpickled.
+named, never half-loaded. Writes are atomic (temporary file, fsync, then rename), so a crash or a
+power loss mid-write leaves the previous file intact. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -25,15 +25,48 @@ class WeightsError(RuntimeError):
     """Weights that do not fit the model asked for, or a file that is not safetensors."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str | Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush(path: str | Path, mode: int = 0o666):
+    """Give a new file or directory the permissions a plain `open` would (`mode` less the umask,
+    where mkstemp, mkdtemp and safetensors make them owner-only) and put its data, or a directory's
+    entries, on the disk (fsync)."""
+    os.chmod(path, mode & ~_umask())
+    _fsync(path)
+
+
+def publish(tmp: str | Path, path: str | Path, mode: int = 0o666):
+    """Make a finished temporary file or directory `tmp` the real `path`: `flush` it, rename it
+    atomically, and fsync the parent directory's entry too, so that after a crash or a power loss
+    the name holds the old data or the new, whole."""
+    tmp, path = Path(tmp), Path(path)
+    flush(tmp, mode)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)` then rename onto `path`, so readers see the old or the new file."""
+    """Call `write(tmp_path)` then publish it as `path`, so readers see the old or the new file, whole,
+    even after a crash or a power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

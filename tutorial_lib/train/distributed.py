@@ -67,11 +67,19 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """DDP around `model` when there are several ranks (it broadcasts rank 0's weights), else `model`."""
+def wrap(model: nn.Module, info: DistInfo, device: torch.device, broadcast_buffers: bool = False) -> nn.Module:
+    """DDP around `model` when there are several ranks (it broadcasts rank 0's weights and buffers
+    once), else `model`.
+
+    DDP's default also re-broadcasts every buffer before each forward. The course's buffers are
+    constants (a frozen caption table of megabytes, position tables), equal on every rank from the
+    start, so that traffic is off; pass broadcast_buffers=True for a model whose buffers change in
+    training (BatchNorm's running statistics).
+    """
     if not info.enabled:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=broadcast_buffers)
 
 
 def _comm_device() -> str:
@@ -100,3 +108,17 @@ def barrier(info: DistInfo):
     """Wait until every rank gets here."""
     if info.enabled:
         dist.barrier()
+
+
+def main_first(fn, info: DistInfo):
+    """`fn()` on rank 0 while the other ranks wait, then on the other ranks; `fn()` in one process.
+
+    For a file cache that every rank needs: rank 0 builds it once, the others then find it built.
+    If rank 0 fails, torchrun stops the waiting ranks.
+    """
+    if not info.is_main:
+        barrier(info)  # wait for rank 0's fn() to finish
+    result = fn()
+    if info.is_main:
+        barrier(info)  # let the others go
+    return result

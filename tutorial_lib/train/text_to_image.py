@@ -192,14 +192,17 @@ def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None) -> Caption
 def train_text_to_image(cfg: TextToImageConfig, latents: torch.Tensor, labels: torch.Tensor,
                         encoder: TextEncoder | None = None, resume: bool = False,
                         sample_fn=None) -> Trainer:
-    """Train (or, with resume, continue from out_dir's latest checkpoint); returns the Trainer,
-    whose `ema_model.transformer` (and `.text_encoder`, if learned) the pipeline samples with."""
+    """Train (or, with resume, continue from out_dir's newest good checkpoint, if it has one: a job
+    that is restarted after a crash can always pass resume=True); returns the Trainer, whose
+    `ema_model.transformer` (and `.text_encoder`, if learned) the pipeline samples with."""
     model = build(cfg, encoder)
     loss_fn = make_loss_fn(class_caption_rows(model), model.null_row, cfg.objective)
     trainer = Trainer(model, loss_fn, (latents, labels), cfg.trainer, sample_fn)
-    if resume:
+    if resume and trainer.has_checkpoints():
         trainer.load_checkpoint()
-    if resume or not (trainer.checkpoint_dir / "latest").exists():  # else fit refuses: keep that run's config
+    elif resume:
+        print(f"resume: {trainer.checkpoint_dir} holds no checkpoint yet; starting at step 0.")
+    if resume or not trainer.has_checkpoints():  # else fit refuses: keep that run's config
         Path(cfg.trainer.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.trainer.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     trainer.fit()

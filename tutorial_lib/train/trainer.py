@@ -26,8 +26,11 @@ A checkpoint, out_dir/checkpoints/step_XXXXXXXX/, holds
                            state, GradScaler state, every rank's RNG states (base64), data order,
                            the history and the scalars not yet logged
 and out_dir/checkpoints/latest names the newest. Nothing is pickled. Each checkpoint is written
-into a temporary directory that is then renamed into place, and `latest` is replaced atomically
-after it, so a crash at any moment leaves the previous checkpoint and pointer intact.
+into a temporary directory, flushed to the disk (fsync) and then renamed into place, and `latest` is
+replaced the same way after it, so a crash or a power loss at any moment leaves the previous
+checkpoint and pointer intact. trainer.json records the size and SHA-256 of each tensor file:
+`load_checkpoint()` verifies them, and if the newest checkpoint is missing or damaged it says so and
+falls back to the newest good one.
 
 Resume (`load_checkpoint`) is exact: weights, EMA, optimizer moments, the step (the learning rate
 is a function of the step, so there is no scheduler state beyond it), the RNG states of every rank
@@ -41,10 +44,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -57,14 +63,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..weights import atomic_write
+from ..weights import atomic_write, flush, publish
 from . import distributed
 from .common import EMA, ShuffledBatches, warmup_cosine
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
-CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer.json")
-FORMAT = 1  # version of the checkpoint layout
+TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+CHECKPOINT_FILES = (*TENSOR_FILES, "trainer.json")
+FORMAT = 2  # version of the checkpoint layout; 2 added the tensor files' sizes and SHA-256
+READS = (1, 2)  # the formats load_checkpoint reads (1: nothing to verify the tensor files by)
+STEP_DIR = re.compile(r"step_\d{8}")
 
 
 class NonFiniteError(FloatingPointError):
@@ -206,7 +215,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train until config.steps; return the history (a dict of mean scalars per record)."""
         cfg, main = self.cfg, self.dist.is_main
-        if self.step == 0 and (self.checkpoint_dir / "latest").exists():
+        if self.step == 0 and self.has_checkpoints():
             raise FileExistsError(f"{self.checkpoint_dir} already holds checkpoints: resume with "
                                   "trainer.load_checkpoint() first, or use a new (or emptied) out_dir.")
         if main and self.step == 0:
@@ -396,10 +405,13 @@ class Trainer:
             save_file(_cpu(self.model.state_dict()), tmp / "model.safetensors")
             save_file(_cpu(self.ema.model.state_dict()), tmp / "ema.safetensors")
             save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+            meta["files"] = {f: _file_record(tmp / f) for f in TENSOR_FILES}
             (tmp / "trainer.json").write_text(json.dumps(meta))
+            for f in CHECKPOINT_FILES:
+                flush(tmp / f)
             if final.exists():  # this step was saved before (a run resumed from an older checkpoint)
                 os.replace(final, old)
-            os.replace(tmp, final)
+            publish(tmp, final, mode=0o777)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
@@ -411,21 +423,39 @@ class Trainer:
         """Keep the newest keep_checkpoints up to this step; remove leftovers of interrupted writes."""
         for leftover in self.checkpoint_dir.glob(".step_*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.checkpoint_dir.glob(".latest.*.tmp"):
+            leftover.unlink(missing_ok=True)
         if self.cfg.keep_checkpoints:
-            done = sorted(d for d in self.checkpoint_dir.glob("step_*") if int(d.name[5:]) <= self.step)
-            for d in done[:-self.cfg.keep_checkpoints]:
+            done = [d for d in self.checkpoints() if int(d.name[5:]) <= self.step]  # newest first
+            for d in done[self.cfg.keep_checkpoints:]:
                 shutil.rmtree(d)
 
-    def load_checkpoint(self, path: str | Path = "latest") -> Path:
-        """Restore everything from a checkpoint directory (default: the one `latest` names).
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint directories in out_dir/checkpoints, newest first (not yet verified)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [d for d in self.checkpoint_dir.iterdir() if STEP_DIR.fullmatch(d.name) and d.is_dir()]
+        return sorted(found, reverse=True)
 
-        The model must have the checkpoint's class, config and tensor shapes; batch_size, seed, the
-        data set's size and the number of ranks must match (the data order and each rank's RNG
-        streams depend on them). Other config fields may change (train longer, another lr), at the
-        price of bit-exactness. Every check runs before anything is loaded.
+    def has_checkpoints(self) -> bool:
+        """Whether out_dir holds a checkpoint (or a `latest` pointer) that a fresh run would overwrite."""
+        return bool(self.checkpoints()) or (self.checkpoint_dir / "latest").exists()
+
+    def load_checkpoint(self, path: str | Path = "latest") -> Path:
+        """Restore everything from a checkpoint directory (default: the one `latest` names, or if
+        that one is missing or damaged, the newest good one, with a message for each one skipped).
+
+        The files are verified against the sizes and SHA-256 that trainer.json records. The model
+        must have the checkpoint's class, config and tensor shapes; batch_size, seed, the data set's
+        size and the number of ranks must match (the data order and each rank's RNG streams depend
+        on them). Other config fields may change (train longer, another lr), at the price of
+        bit-exactness. Every check runs before anything is loaded.
         """
-        path = self._resolve(path)
-        meta = json.loads((path / "trainer.json").read_text())
+        if str(path) == "latest":
+            path, meta = self._newest_good()
+        else:
+            path = Path(path)
+            meta = verify_checkpoint(path)
         self._check_compatible(path, meta)
         try:
             self.batches.load_state_dict(meta["data_order"])
@@ -435,7 +465,9 @@ class Trainer:
         device = str(self.device)
         self.model.load_state_dict(load_file(path / "model.safetensors", device=device))
         self.ema.model.load_state_dict(load_file(path / "ema.safetensors", device=device))
-        optimizer_tensors = load_file(path / "optimizer.safetensors", device=device)
+        # On the CPU: load_state_dict moves the moments to each parameter's device but leaves AdamW's
+        # step counters where they are, and on a GPU they would cost a host sync per parameter per step.
+        optimizer_tensors = load_file(path / "optimizer.safetensors")
         self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
         if self.scaler and meta["grad_scaler"]:
             self.scaler.load_state_dict(meta["grad_scaler"])
@@ -449,22 +481,33 @@ class Trainer:
             self._write_history()  # drop records the interrupted run logged after this checkpoint
         return path
 
-    def _resolve(self, path: str | Path) -> Path:
-        if str(path) == "latest":
-            pointer = self.checkpoint_dir / "latest"
-            if not pointer.is_file():
-                raise CheckpointError(f"No checkpoint to resume: {pointer} does not exist.")
-            path = self.checkpoint_dir / pointer.read_text().strip()
-        path = Path(path)
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-        if missing:
-            raise CheckpointError(f"{path} is not a checkpoint (missing {', '.join(missing)}).")
-        return path
+    def _newest_good(self) -> tuple[Path, dict]:
+        """(path, trainer.json) of the checkpoint `latest` names, else of the newest one that verifies."""
+        pointer = self.checkpoint_dir / "latest"
+        candidates = self.checkpoints()
+        if pointer.is_file():
+            named = pointer.read_text().strip()
+            if STEP_DIR.fullmatch(named) and (self.checkpoint_dir / named).is_dir():
+                candidates.remove(self.checkpoint_dir / named)
+                candidates.insert(0, self.checkpoint_dir / named)
+            else:
+                _warn(f"{pointer} names {named!r}, which is not a checkpoint here; looking for the newest good one.")
+        if not candidates:
+            raise CheckpointError(f"No checkpoint to resume: {self.checkpoint_dir} holds none.")
+        problems = []
+        for path in candidates:
+            try:
+                meta = verify_checkpoint(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                _warn(f"Skipping a damaged checkpoint: {err}")
+                continue
+            if problems:
+                _warn(f"Resuming from {path}, the newest good checkpoint.")
+            return path, meta
+        raise CheckpointError(f"No usable checkpoint in {self.checkpoint_dir}: " + " ".join(problems))
 
     def _check_compatible(self, path: Path, meta: dict):
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')}, this trainer "
-                                  f"reads {FORMAT}.")
         saved, ours = meta["model"], _model_record(self.model)
         if saved != ours:
             a, b = saved["config"] or {}, ours["config"] or {}
@@ -488,6 +531,42 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def verify_checkpoint(path: str | Path) -> dict:
+    """trainer.json of the checkpoint at `path`, once its files are all there and the tensor files have
+    the size and SHA-256 it records; else a CheckpointError that says what is wrong."""
+    path = Path(path)
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint (missing {', '.join(missing)}).")
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}/trainer.json is not valid JSON ({err}).") from None
+    if not isinstance(meta, dict) or meta.get("format") not in READS:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {found}, this trainer reads {READS}.")
+    for name, want in meta.get("files", {}).items():
+        got = _file_record(path / name)
+        if got != want:
+            what = "size" if got["bytes"] != want["bytes"] else "SHA-256"
+            raise CheckpointError(f"{path}/{name} is damaged: its {what} differs from the one recorded "
+                                  f"when it was written ({got} != {want}).")
+    return meta
+
+
+def _file_record(path: Path) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _warn(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
 def _due(step: int, every: int | None, last: bool) -> bool:
     """Whether an every-N-steps action (None: never) runs after `step`; it always runs after the last."""
     return every is not None and (step % every == 0 or last)
