@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -71,6 +72,24 @@ def test_read_weights_rejects_non_safetensors(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(WeightsError, match="not a readable safetensors"):
         read_weights(path, "vae")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_read_weights_rejects_a_truncated_file(tiny_vae, tmp_path, keep):
+    path = save_weights(tiny_vae, tmp_path / "v.safetensors", "vae")
+    os.truncate(path, int(path.stat().st_size * keep))
+    with pytest.raises(WeightsError, match="not a readable safetensors"):
+        read_weights(path, "vae")
+
+
+def test_saved_weights_are_readable_by_others(tiny_vae, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_weights(tiny_vae, tmp_path / "v.safetensors", "vae")
+    finally:
+        os.umask(umask)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)  # not mkstemp's owner-only 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"]
 
 
 def test_read_weights_rejects_a_pickled_checkpoint(tmp_path):
