@@ -103,19 +103,25 @@ def progress(checkpoints: Path) -> int:
 
 
 def kill_and_resume(out: Path, steps: int, kills: int, seed: int) -> list[str]:
-    """Train with the CLI, SIGKILL it `kills` times at random moments (each after the restarted
-    process has begun to checkpoint, then a uniform delay of up to a few steps), then let a last
-    --resume finish. Returns where each kill landed."""
+    """Train with the CLI and SIGKILL it `kills` times, restarting it with --resume each time, then
+    let a last --resume finish. Each kill waits until the restarted process has begun writing the
+    checkpoint of a random step 1 to 3 steps ahead, then a random fraction of a step's time, so
+    that it lands anywhere in a step or a checkpoint write whatever the machine's speed. Returns
+    where each kill landed."""
     rng = random.Random(seed)
-    checkpoints, landed = out / "run" / "checkpoints", []
+    checkpoints, landed, step_time = out / "run" / "checkpoints", [], 0.05
     for k in range(kills):
-        start = progress(checkpoints)
+        target = progress(checkpoints) + rng.randint(1, 3)
         proc = subprocess.Popen(train_command(out, resume=k > 0), cwd=REPO_ROOT, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and progress(checkpoints) <= start and time.monotonic() < deadline:
+        deadline, seen, last = time.monotonic() + 120, progress(checkpoints), None
+        while proc.poll() is None and seen < target and time.monotonic() < deadline:
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.3))
+            if (now := progress(checkpoints)) > seen:
+                if last is not None:  # a step's duration, from two checkpoints of this process
+                    step_time = (time.monotonic() - last) / (now - seen)
+                seen, last = now, time.monotonic()
+        time.sleep(rng.uniform(0, step_time))
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
         assert proc.returncode == -signal.SIGKILL, f"the run ended before kill {k + 1}: {err[-2000:]}"
@@ -166,7 +172,7 @@ def test_cli_killed_at_5_random_points_resumes_bit_exactly(cli_runs, tmp_path):
 
 @pytest.mark.slow
 def test_cli_killed_at_20_random_points_resumes_bit_exactly(cli_runs, tmp_path):
-    check_kill_and_resume(cli_runs, tmp_path, steps=80, kills=20, seed=1)
+    check_kill_and_resume(cli_runs, tmp_path, steps=90, kills=20, seed=1)
 
 
 def test_resume_without_a_checkpoint_starts_at_step_0(cli_runs, tmp_path):
