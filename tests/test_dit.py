@@ -1,5 +1,6 @@
 """DiT (notebook 03): presets, adaLN-Zero initialisation, text masking, attention options, computed
-cost against FlopCounterMode and against DiT's paper, save/load, and bad input. Tiny widths, CPU."""
+cost against FlopCounterMode and against DiT's paper, save/load, half precision, torch.compile
+without graph breaks, and bad input. Tiny widths, CPU."""
 
 from __future__ import annotations
 
@@ -295,6 +296,65 @@ def test_save_load_round_trip(tmp_path):
         load_into(DiT(dataclasses.replace(cfg, depth=3)), path, kind="dit")
 
 
+# ----------------------------------------------------------------------------- precision and compile
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runs_in_half_precision(variant, dtype):
+    """Cast to `dtype`, fed x and caption tokens in it (t stays float32, its sinusoids are computed in
+    float32): the output has the dtype and is close to float32's. Measured on the CPU over these
+    variants and 5 seeds, |diff| / |out| (L2) is 0.009-0.025 in bfloat16 and 0.001-0.0035 in
+    float16; tolerance about 2.5x the largest."""
+    model = randomize(DiT(tiny(**VARIANTS[variant])))
+    x, t = inputs()
+    emb = text()
+    with torch.no_grad():
+        expected = model(x, t, emb)
+        out = model.to(dtype)(x.to(dtype), t, TextEmbedding(emb.tokens.to(dtype), emb.mask))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    gap = (out.float() - expected).norm() / expected.norm()
+    assert gap < {torch.bfloat16: 0.06, torch.float16: 0.01}[dtype], gap
+
+
+@pytest.mark.parametrize("variant", ["plain", "rope", "gqa"])
+def test_compiles_to_one_graph(variant):
+    """No host sync in forward (the mask is checked where it is made, `text.base.check_mask`):
+    fullgraph=True raises on any graph break, and the compiled model matches the eager one."""
+    model = randomize(DiT(tiny(**VARIANTS[variant])))
+    x, t = inputs()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, text()), model(x, t, text()))
+
+
+def test_an_all_padding_caption_is_refused_where_masks_are_made(tmp_path, monkeypatch):
+    """The DiT no longer looks at mask values; the encoders and the training caption table do."""
+    from tutorial_lib.text import WordEncoder, WordEncoderConfig, clear_memory_cache
+    from tutorial_lib.text.base import TextEncoder, check_mask
+    from tutorial_lib.train.text_to_image import CaptionConditionedDiT
+
+    with pytest.raises(ValueError, match="at least one real token"):
+        check_mask(torch.tensor([[True, False], [False, False]]))
+    encoder = WordEncoder(WordEncoderConfig(dim=TEXT_DIM, heads=2))
+    with pytest.raises(ValueError, match="at least one real token"):
+        encoder(torch.zeros(2, 4, dtype=torch.long))  # token ids of <pad> alone
+
+    class Blank(TextEncoder):  # a frozen encoder that gives "" no real token
+        dim = TEXT_DIM
+
+        def encode(self, prompt):
+            prompts = list(prompt)
+            mask = torch.tensor([[p != ""] * 3 for p in prompts])
+            return TextEmbedding(torch.ones(len(prompts), 3, TEXT_DIM), mask)
+
+    monkeypatch.setenv("TUTORIAL_DATA", str(tmp_path))
+    clear_memory_cache()
+    try:
+        with pytest.raises(ValueError, match="at least one real token"):
+            CaptionConditionedDiT(DiT(tiny()), Blank(), ["a bag", "a coat"])
+    finally:
+        clear_memory_cache()
+
+
 # ----------------------------------------------------------------------------- bad input
 def _bad(b=2, c=4, h=8, w=8, t_batch=2, text_batch=2, **text_kw):
     x, _ = inputs(b=b, c=c, h=h, w=w)
@@ -306,7 +366,6 @@ def _bad(b=2, c=4, h=8, w=8, t_batch=2, text_batch=2, **text_kw):
     (_bad(h=7), "not divisible by the patch size"),
     (_bad(t_batch=3), "Batch sizes differ"),
     (_bad(text_batch=1, real=(2,)), "Batch sizes differ"),
-    (_bad(real=(2, 0)), "at least one real token"),
 ])
 def test_bad_inputs(args, match):
     model = DiT(tiny())

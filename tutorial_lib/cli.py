@@ -140,6 +140,7 @@ def _dit_config(a):
 
 def _train_dit(a):
     from .data.latents import latent_cache
+    from .diffusion.samplers import default_sampler
     from .pipeline import TextToImagePipeline, start_level
     from .text import text_encoder
     from .train import distributed
@@ -158,7 +159,7 @@ def _train_dit(a):
     o = cfg.objective
     pipe = TextToImagePipeline(ema.transformer, encoder, prediction=o.prediction, schedule=o.schedule,
                                zero_terminal_snr=o.zero_terminal_snr,
-                               sampler="flow_euler" if o.prediction == "flow" else "ddim",
+                               sampler=default_sampler(o.noise_schedule()),
                                t_max=start_level(o.prediction, o.noise_schedule()))
     record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
               "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}

@@ -58,7 +58,11 @@ def _integrate(denoiser, noise: torch.Tensor, ts: torch.Tensor, cond, callback, 
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """z ~ N(0, I) like x, drawn on the generator's device and moved to x's: a CPU generator drives
+    CUDA latents (torch draws with a generator on its own device only), and a seed gives the same
+    draws wherever x lives."""
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
 def _no_signal(alpha, sigma) -> bool:
@@ -184,3 +188,21 @@ def sample_flow_euler(denoiser, noise, ts, cond=None, callback=None, *,
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun,
             "dpmpp_2m": sample_dpmpp_2m, "flow_euler": sample_flow_euler}
+
+
+def samplers_for(schedule: Schedule) -> tuple[str, ...]:
+    """The samplers that step `schedule`. Every update above except flow Euler's is written in the
+    schedule's own (alpha, sigma), VP or not (DDIM, DDPM's posterior, the probability-flow ODE in
+    z = x / alpha, lambda = log(alpha / sigma)), so they step any schedule, the flow path included;
+    flow Euler's u_hat = (x_t - x0_hat) / t is the velocity of the flow path alone. What the
+    network predicts does not matter: `parametrizations.x0_denoiser` turns x0, eps, v or flow into
+    x0_hat on any schedule (only where an eps prediction starts at SNR 0 must sampling start below
+    t = 1, see `pipeline.start_level`)."""
+    return tuple(name for name in SAMPLERS if name != "flow_euler" or schedule.name == "flow")
+
+
+def default_sampler(schedule: Schedule) -> str:
+    """What a model trained on `schedule` samples with unless told otherwise: flow Euler on the flow
+    path (rectified flow's own sampler), DDIM on every other schedule, whatever the prediction (a
+    flow-predicting model on the cosine schedule samples with DDIM; see `samplers_for`)."""
+    return "flow_euler" if schedule.name == "flow" else "ddim"

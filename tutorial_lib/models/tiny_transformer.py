@@ -77,7 +77,7 @@ class TinyTransformer(nn.Module):
                              f"text {text.tokens.shape[0]}.")
         b, c, h, w = x.shape
         tokens = self.patch_in(x.flatten(2).transpose(1, 2)) + self.pos  # [B, h*w, D]
-        temb = self.time_mlp(timestep_embedding(t, cfg.dim))  # [B, D]
+        temb = self.time_mlp(timestep_embedding(t, cfg.dim).to(tokens.dtype))  # float32 sinusoids -> [B, D]
         for block in self.blocks:
             tokens = block(tokens, temb, text)
         out = self.patch_out(self.norm_out(tokens))  # [B, h*w, C]

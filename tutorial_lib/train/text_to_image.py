@@ -32,13 +32,19 @@ from ..diffusion.parametrizations import PREDICTIONS, prediction_target
 from ..diffusion.schedules import Schedule, get_schedule
 from ..models.dit import DiT, DiTConfig
 from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
-from ..text.base import NULL_PROMPT
+from ..text.base import NULL_PROMPT, check_mask
 from .trainer import Trainer, TrainerConfig
 
 
 @dataclass
 class Objective:
-    """What the network learns: its prediction target on a noise schedule, and how t is drawn."""
+    """What the network learns: its prediction target on a noise schedule, and how t is drawn.
+
+    Every (prediction, schedule) pair trains and samples: each prediction determines x0 on any
+    schedule (diffusion/parametrizations.py; an eps model starts below SNR 0, `pipeline.start_level`),
+    and `samplers.default_sampler(schedule)` steps it: flow Euler on the flow path, DDIM elsewhere
+    (a flow-predicting model on the cosine schedule samples with DDIM: flow Euler integrates the
+    flow path alone)."""
 
     prediction: str = "v"  # "x0" | "eps" | "v" | "flow" (diffusion/parametrizations.py)
     schedule: str = "cosine"  # "cosine" | "linear" | "scaled_linear" | "flow" (diffusion/schedules.py)
@@ -121,7 +127,7 @@ class CaptionConditionedDiT(nn.Module):
             table = caption_embeddings(encoder, self.captions)
             self.text_encoder = None
             self.register_buffer("tokens", table.tokens, persistent=False)  # [rows, L, D]
-            self.register_buffer("mask", table.mask, persistent=False)  # [rows, L]
+            self.register_buffer("mask", check_mask(table.mask), persistent=False)  # [rows, L]
         else:
             self.text_encoder = encoder
 
