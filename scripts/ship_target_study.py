@@ -33,7 +33,7 @@ def main():
         c = pipe.config
         shipped = TextToImagePipeline(pipe.transformer.half(), pipe.text_encoder, pipe.vae, prediction=c.prediction,
                                       schedule=c.schedule, zero_terminal_snr=c.zero_terminal_snr,
-                                      sampler="flow_euler" if c.prediction == "flow" else "ddim",
+                                      sampler=c.sampler,
                                       t_max=start_level(c.prediction, pipe.noise_schedule))
         info = TextToImagePipeline.training_info(run)
         info.pop("vae_hash")

@@ -33,6 +33,7 @@ from ..diffusion.schedules import Schedule, get_schedule
 from ..models.dit import DiT, DiTConfig
 from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
 from ..text.base import NULL_PROMPT, check_mask
+from ..weights import atomic_write
 from .trainer import Trainer, TrainerConfig
 
 
@@ -209,7 +210,7 @@ def train_text_to_image(cfg: TextToImageConfig, latents: torch.Tensor, labels: t
     elif resume:
         print(f"resume: {trainer.checkpoint_dir} holds no checkpoint yet; starting at step 0.")
     if resume or not trainer.has_checkpoints():  # else fit refuses: keep that run's config
-        Path(cfg.trainer.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.trainer.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        text = json.dumps(cfg.to_dict(), indent=1)
+        atomic_write(Path(cfg.trainer.out_dir) / "config.json", lambda tmp: Path(tmp).write_text(text))
     trainer.fit()
     return trainer
