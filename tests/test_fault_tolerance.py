@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from tests.crash_worker import RUN, STAGES, build
 from tests.test_trainer import assert_same_state, config, mlp, mse_loss, regression_data
-from tutorial_lib.train.common import EMA
+from tutorial_lib.train.ema import EMA
 from tutorial_lib.train.trainer import CheckpointError, Trainer, TENSOR_FILES, verify_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

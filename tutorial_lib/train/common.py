@@ -1,8 +1,8 @@
-"""Pieces every training loop here shares: seeded shuffling, the learning-rate schedule, EMA."""
+"""Pieces every training loop here shares: seeded shuffling and the learning-rate schedule (the EMA is in
+ema.py)."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -33,35 +33,6 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.05) -> fl
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class EMA:
-    """Exponential moving average of weights, theta_ema <- d * theta_ema + (1 - d) * theta.
-
-    Buffers are not averaged: the EMA model holds the live model's own buffer tensors (a frozen
-    caption table, position tables, running statistics), shared rather than copied every step.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        # (EMA submodule, live submodule, buffer name) for every buffer, in the same order.
-        self._buffers = [(e, m, name) for e, m in zip(self.model.modules(), model.modules()) for name in m._buffers]
-        self._share_buffers()
-
-    def _share_buffers(self):
-        """Point the EMA model's buffers at the live model's (again, if the live model replaced one)."""
-        for e, m, name in self._buffers:
-            if e._buffers[name] is not m._buffers[name]:
-                e._buffers[name] = m._buffers[name]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int | None = None):
-        # Warm-up (as in Karras et al.): early on, average over the steps seen so far.
-        d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
-        self._share_buffers()
 
 
 class ShuffledBatches:

@@ -24,7 +24,8 @@ from ..diffusion.losses import min_snr_weight, offset_noise, perturb_input, samp
 from ..diffusion.schedules import COSINE
 from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from ..text.word_encoder import WordEncoder, WordEncoderConfig
-from .common import EMA, infinite_batches, seed_everything, warmup_cosine
+from .common import infinite_batches, seed_everything, warmup_cosine
+from .ema import EMA
 
 
 @dataclass

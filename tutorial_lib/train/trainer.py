@@ -12,6 +12,7 @@
     lr <- schedule(step); optimizer step; EMA update
     every log_every steps:        mean scalars -> progress bar, TensorBoard, history.jsonl
     every sample_every steps:     sample_fn(EMA model, step) -> samples/step_XXXXXXXX.png (+ TensorBoard)
+    every posthoc_snapshot_every steps: the post-hoc EMAs -> posthoc_ema/step_XXXXXXXX_sigma_rel_S.safetensors
     every checkpoint_every steps: a checkpoint directory, written whole or not at all
 
 `batch_size` is the global batch of one optimizer step: ranks x grad_accum_steps x micro-batch, so
@@ -22,6 +23,7 @@ A checkpoint, out_dir/checkpoints/step_XXXXXXXX/, holds
     model.safetensors      the model's state_dict
     ema.safetensors        the EMA model's state_dict
     optimizer.safetensors  the optimizer state's tensors, keyed "<parameter index>.<name>"
+    posthoc_ema.safetensors  with posthoc_ema_sigma_rels only: the tracked power-function EMAs
     trainer.json           the rest: step, configs, the optimizer's param groups and non-tensor
                            state, GradScaler state, every rank's RNG states (base64), data order,
                            the history and the scalars not yet logged
@@ -32,12 +34,19 @@ checkpoint and pointer intact. trainer.json records the size and SHA-256 of each
 `load_checkpoint()` verifies them, and if the newest checkpoint is missing or damaged it says so and
 falls back to the newest good one.
 
-Resume (`load_checkpoint`) is exact: weights, EMA, optimizer moments, the step (the learning rate
-is a function of the step, so there is no scheduler state beyond it), the RNG states of every rank
-(torch's global CPU and CUDA generators and loss_fn's generator) and the position in the data
-order. A run stopped and resumed ends bit for bit where an uninterrupted run ends, as long as
-loss_fn takes its randomness from the generator it is given or torch's global RNG (not from
-Python's `random` or NumPy).
+Resume (`load_checkpoint`) is exact: weights, EMA (and post-hoc EMAs), optimizer moments, the step
+(the learning rate is a function of the step, so there is no scheduler state beyond it), the RNG
+states of every rank (torch's global CPU and CUDA generators and loss_fn's generator) and the
+position in the data order. A run stopped and resumed ends bit for bit where an uninterrupted run
+ends, as long as loss_fn takes its randomness from the generator it is given or torch's global RNG
+(not from Python's `random` or NumPy).
+
+Post-hoc EMA (EDM2; ema.py), off by default: with posthoc_ema_sigma_rels=(0.05, 0.10) the trainer
+tracks those power-function EMAs and saves them every posthoc_snapshot_every steps (and after the
+last) to out_dir/posthoc_ema, written before the checkpoint of the same step. A run resumed from step
+s drops the snapshots after s that an interrupted run left (as it drops history.jsonl's records) and
+writes them again, bit for bit the same; a fresh run drops them all. After training,
+`ema.reconstruct_ema(out_dir/"posthoc_ema", sigma_rel)` gives the EMA of any width in between.
 """
 
 from __future__ import annotations
@@ -65,12 +74,14 @@ from tqdm.auto import tqdm
 
 from ..weights import atomic_write, flush, publish
 from . import distributed
-from .common import EMA, ShuffledBatches, warmup_cosine
+from .common import ShuffledBatches, warmup_cosine
+from .ema import EMA, MAX_SIGMA_REL, SNAPSHOT_NAME, PowerEMA
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 CHECKPOINT_FILES = (*TENSOR_FILES, "trainer.json")
+POSTHOC_FILE = "posthoc_ema.safetensors"  # in checkpoints of runs with posthoc_ema_sigma_rels
 FORMAT = 2  # version of the checkpoint layout; 2 added the tensor files' sizes and SHA-256
 READS = (1, 2)  # the formats load_checkpoint reads (1: nothing to verify the tensor files by)
 STEP_DIR = re.compile(r"step_\d{8}")
@@ -97,6 +108,10 @@ class TrainerConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping (the norm is still logged)
     ema_decay: float = 0.999
+    # EDM2's post-hoc EMA (ema.py): the sigma_rels of the power-function EMAs to track, e.g. (0.05, 0.10),
+    # and the steps between their snapshots in out_dir/posthoc_ema. None: off.
+    posthoc_ema_sigma_rels: tuple[float, ...] | None = None
+    posthoc_snapshot_every: int | None = None
     mixed_precision: str = "no"  # "no" | "bf16" (CPU or GPU) | "fp16" (GPU only, with a GradScaler)
     compile: bool = False  # torch.compile the model that trains (the EMA copy stays eager)
     compile_backend: str = "inductor"
@@ -111,6 +126,9 @@ class TrainerConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)  # JSON gives a list
+        sigma_rels = self.posthoc_ema_sigma_rels
+        if sigma_rels is not None:
+            self.posthoc_ema_sigma_rels = sigma_rels = tuple(float(s) for s in sigma_rels)
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -130,10 +148,16 @@ class TrainerConfig:
             (self.mixed_precision in PRECISIONS,
              f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (sigma_rels is None or (len(sigma_rels) >= 1 and len(set(sigma_rels)) == len(sigma_rels)
+                                    and all(0 < s < MAX_SIGMA_REL for s in sigma_rels)),
+             f"posthoc_ema_sigma_rels must be distinct numbers in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rels}"),
+            ((sigma_rels is None) == (self.posthoc_snapshot_every is None),
+             "posthoc_ema_sigma_rels and posthoc_snapshot_every go together (both set, or both None), got "
+             f"{sigma_rels} and {self.posthoc_snapshot_every}"),
         ]
         checks += [(getattr(self, name) is None or getattr(self, name) >= 1,
                     f"{name} must be >= 1 or None, got {getattr(self, name)}")
-                   for name in ("sample_every", "checkpoint_every", "keep_checkpoints")]
+                   for name in ("sample_every", "checkpoint_every", "keep_checkpoints", "posthoc_snapshot_every")]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("Bad TrainerConfig: " + "; ".join(problems) + ".")
@@ -191,6 +215,7 @@ class Trainer:
         # On every micro-batch but the last, DDP skips its all-reduce and gradients just accumulate.
         self._no_sync = self.net.no_sync if self.dist.enabled else nullcontext
         self.ema = EMA(self.model, cfg.ema_decay)  # after DDP's broadcast: every rank starts alike
+        self.posthoc_ema = PowerEMA(self.model, cfg.posthoc_ema_sigma_rels) if cfg.posthoc_ema_sigma_rels else None
         if cfg.compile:
             self.net = torch.compile(self.net, backend=cfg.compile_backend)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -205,6 +230,7 @@ class Trainer:
         self._pending = {"sums": {}, "counts": {}}  # scalars since the last record
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.posthoc_dir = self.out_dir / "posthoc_ema"
 
     @property
     def ema_model(self) -> nn.Module:
@@ -220,6 +246,8 @@ class Trainer:
                                   "trainer.load_checkpoint() first, or use a new (or emptied) out_dir.")
         if main and self.step == 0:
             self._write_history()  # a fresh history.jsonl
+        if main and self.posthoc_ema is not None:
+            self._drop_snapshots_after(self.step)
         self.model.train()
         writer = self._tensorboard() if main else None
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not main)
@@ -233,6 +261,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
                 if self.sample_fn is not None and _due(self.step, cfg.sample_every, done):
                     self._sample(writer)
+                # Before the checkpoint: resuming from it must find this step's snapshots written.
+                if main and self.posthoc_ema is not None and _due(self.step, cfg.posthoc_snapshot_every, done):
+                    self.posthoc_ema.save_snapshots(self.posthoc_dir, self.step, cfg.posthoc_snapshot_every)
                 if _due(self.step, cfg.checkpoint_every, done):
                     self.save_checkpoint()
         finally:
@@ -279,6 +310,8 @@ class Trainer:
             raise NonFiniteError(self._stop_message("gradient norm", grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model, self.step)
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.update(self.model, self.step)
         self.step += 1
         if math.isfinite(grad_norm):
             scalars["grad_norm"] = grad_norm
@@ -361,6 +394,21 @@ class Trainer:
         if writer is not None:
             writer.add_image("samples", grid, self.step)
 
+    def _drop_snapshots_after(self, step: int):
+        """Remove the post-hoc EMA snapshots of steps after `step` (an interrupted run's, which this run
+        writes again) and the temporary files of interrupted writes."""
+        if not self.posthoc_dir.is_dir():
+            return
+        for leftover in self.posthoc_dir.glob(".step_*.tmp"):
+            leftover.unlink(missing_ok=True)
+        later = [p for p in self.posthoc_dir.iterdir()
+                 if (m := SNAPSHOT_NAME.fullmatch(p.name)) and int(m.group(1)) > step]
+        for path in later:
+            path.unlink()
+        if later:
+            _warn(f"Removed {len(later)} post-hoc EMA snapshots after step {step} from {self.posthoc_dir}: an "
+                  "interrupted run wrote them, and this run writes them again.")
+
     # ------------------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict[str, torch.Tensor]:
         """This rank's RNG states, as uint8 tensors."""
@@ -401,13 +449,16 @@ class Trainer:
         final = self.checkpoint_dir / name
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.checkpoint_dir))
         old = tmp.with_name(tmp.name + ".old")
+        tensor_files = TENSOR_FILES + ((POSTHOC_FILE,) if self.posthoc_ema is not None else ())
         try:
             save_file(_cpu(self.model.state_dict()), tmp / "model.safetensors")
             save_file(_cpu(self.ema.model.state_dict()), tmp / "ema.safetensors")
             save_file(optimizer_tensors, tmp / "optimizer.safetensors")
-            meta["files"] = {f: _file_record(tmp / f) for f in TENSOR_FILES}
+            if self.posthoc_ema is not None:
+                save_file(_cpu(self.posthoc_ema.state_dict()), tmp / POSTHOC_FILE)
+            meta["files"] = {f: _file_record(tmp / f) for f in tensor_files}
             (tmp / "trainer.json").write_text(json.dumps(meta))
-            for f in CHECKPOINT_FILES:
+            for f in (*tensor_files, "trainer.json"):
                 flush(tmp / f)
             if final.exists():  # this step was saved before (a run resumed from an older checkpoint)
                 os.replace(final, old)
@@ -469,6 +520,8 @@ class Trainer:
         # step counters where they are, and on a GPU they would cost a host sync per parameter per step.
         optimizer_tensors = load_file(path / "optimizer.safetensors")
         self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.load_state_dict(load_file(path / POSTHOC_FILE, device=device))
         if self.scaler and meta["grad_scaler"]:
             self.scaler.load_state_dict(meta["grad_scaler"])
         self.step, self.history, self._pending = meta["step"], meta["history"], meta["pending"]
@@ -524,6 +577,14 @@ class Trainer:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise CheckpointError(f"{path}: the model's tensors differ from this model's; (checkpoint, this "
                                   f"model) shapes: {pairs}{more}.")
+        saved = meta["config"].get("posthoc_ema_sigma_rels")
+        saved = (tuple(saved) if saved else None, meta["config"].get("posthoc_snapshot_every"))
+        ours = (self.cfg.posthoc_ema_sigma_rels, self.cfg.posthoc_snapshot_every)
+        if ours[0] is not None and (saved != ours or not (path / POSTHOC_FILE).is_file()):
+            raise CheckpointError(f"{path} was written with (posthoc_ema_sigma_rels, posthoc_snapshot_every) = "
+                                  f"{saved} and this run has {ours}: a power-function EMA averages from step 1 "
+                                  "on one grid of snapshots, so it cannot start or change mid-run. Resume "
+                                  f"with {saved}, or start a new run in another out_dir.")
         if meta["world_size"] != self.dist.world_size:
             raise CheckpointError(f"{path} was written by {meta['world_size']} processes and this run has "
                                   f"{self.dist.world_size}: each rank's RNG streams are restored, so resume "
@@ -546,6 +607,8 @@ def verify_checkpoint(path: str | Path) -> dict:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: checkpoint format {found}, this trainer reads {READS}.")
     for name, want in meta.get("files", {}).items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} is not a checkpoint (missing {name}).")
         got = _file_record(path / name)
         if got != want:
             what = "size" if got["bytes"] != want["bytes"] else "SHA-256"
