@@ -359,3 +359,17 @@ def test_cli_objective_flags():
             o.t_distribution, o.t_shift, o.min_snr_gamma) == ("eps", "scaled_linear", True, 0.1, 0.05,
                                                               "logit_normal", 3.0, 5.0)
     assert _dit_config(build_parser().parse_args(["train", "--model", "dit"])).objective == Objective()
+
+
+def test_cli_posthoc_ema_flags():
+    from tutorial_lib.cli import _dit_config, build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["train", "--model", "dit", "--posthoc-ema", "0.05,0.10", "--posthoc-snapshot-every", "250"])
+    t = _dit_config(args).trainer
+    assert (t.posthoc_ema_sigma_rels, t.posthoc_snapshot_every) == ((0.05, 0.10), 250)
+    assert _dit_config(parse(["train", "--model", "dit"])).trainer.posthoc_ema_sigma_rels is None
+    with pytest.raises(SystemExit):  # argparse: "expected comma-separated numbers"
+        parse(["train", "--model", "dit", "--posthoc-ema", "0.05;0.1"])
+    with pytest.raises(ValueError, match="go together"):
+        _dit_config(parse(["train", "--model", "dit", "--posthoc-ema", "0.05"]))

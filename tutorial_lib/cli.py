@@ -116,6 +116,14 @@ def _evaluate(pipe, a) -> dict:
     return results
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.05,0.10' -> (0.05, 0.1), for argparse."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _dit_config(a):
     from .models.dit import preset
     from .train.text_to_image import Objective, TextToImageConfig
@@ -131,6 +139,7 @@ def _dit_config(a):
                           input_perturbation=a.input_perturbation)
     trainer = TrainerConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
                             grad_accum_steps=a.grad_accum, ema_decay=a.ema_decay,
+                            posthoc_ema_sigma_rels=a.posthoc_ema, posthoc_snapshot_every=a.posthoc_snapshot_every,
                             mixed_precision=a.mixed_precision, compile=a.compile, seed=a.seed,
                             out_dir=str(a.out / "run"), checkpoint_every=a.checkpoint_every,
                             device=a.device)
@@ -283,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--posthoc-ema", type=_floats, default=None, metavar="S1,S2",
+                   help="dit: EDM2 post-hoc EMA, the sigma_rels to track (e.g. 0.05,0.10)")
+    p.add_argument("--posthoc-snapshot-every", type=int, default=None,
+                   help="dit: steps between post-hoc EMA snapshots (with --posthoc-ema)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=500)
