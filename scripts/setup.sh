@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or refresh) everything a run needs; safe to run again.
 #   scripts/setup.sh          the library and its notebook/hf extras
-#   scripts/setup.sh dev      the same plus the test tools (pytest, nbval)
+#   scripts/setup.sh dev      the same plus the test tools (pytest, nbval, k-diffusion's samplers)
 # Creates or reuses .venv, installs torch/torchvision (the tested pair, overridable with
 # TORCH_SPEC), installs tutorial_lib in editable mode, and makes sure Fashion-MNIST is present.
 set -euo pipefail
@@ -20,6 +20,10 @@ fi
 if [ "$extras" = dev ]; then target=".[dev]"; else target=".[hf,notebooks]"; fi
 echo "setup: installing tutorial_lib$target"
 "${pip[@]}" -e "$target"
+if [ "$extras" = dev ]; then
+  # Test-only: k-diffusion without its training stack (see the dev extra in pyproject.toml).
+  "${pip[@]}" --no-deps "k-diffusion==0.1.1.post1"
+fi
 
 # Fashion-MNIST: the Debian/Ubuntu package where we can install it; otherwise tutorial_lib looks in
 # data/fashion-mnist/, $FASHION_MNIST_DIR, and finally tries torchvision's download.

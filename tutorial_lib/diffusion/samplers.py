@@ -15,10 +15,24 @@ the grid's dtype (`Schedule.grid` gives float64), the state is kept in the noise
 
 The step all of them build on is DDIM's (Song, Meng & Ermon, 2021) from t to s < t,
     x_s = alpha_s x0_hat + sigma_s eps_hat,    eps_hat = (x_t - alpha_t x0_hat) / sigma_t.
+
+Samplers in sigma-space (Karras et al., 2022; `SIGMA_SAMPLERS`) have the same signature over a grid
+of EDM noise levels instead, x = x0 + sigma n (edm.py):
+
+    sample_edm_x(denoiser, noise, sigmas, cond=None, callback=None, *, S_churn=0, ...) -> x0
+
+where `denoiser(x, sigma, cond) -> x0_hat` with sigma [B] (float64; x in the noise's dtype; an
+`edm.EDMPrecond`, or `edm.sigma_denoiser` of a t-space one), `noise` is standard normal and the
+sampler scales it to the first level, x = sigmas[0] noise ~ N(0, sigma_0^2 I), as their algorithms
+start (so one seed's noise serves every sampler), and `sigmas` is a finite, strictly decreasing
+grid (`edm.karras_sigmas`). The state is kept in float64, as EDM's own code keeps it: steps add
+small updates to an x of std up to 80. The result comes back in the noise's dtype.
+`callback(i, sigma, x, x0_hat)` sees every step's first evaluation, at the level it was made.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -206,3 +220,100 @@ def default_sampler(schedule: Schedule) -> str:
     path (rectified flow's own sampler), DDIM on every other schedule, whatever the prediction (a
     flow-predicting model on the cosine schedule samples with DDIM; see `samplers_for`)."""
     return "flow_euler" if schedule.name == "flow" else "ddim"
+
+
+# ----------------------------------------------------------------------------- sigma space
+def _check_sigmas(sigmas: torch.Tensor):
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"The grid of noise levels must be 1-D with at least 2 levels, "
+                         f"got shape {tuple(sigmas.shape)}.")
+    if not torch.isfinite(sigmas).all():
+        raise ValueError("Noise levels sigma must be finite: start at a finite sigma_max, e.g. "
+                         "edm.karras_sigmas(steps) (80).")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError("The grid of noise levels must decrease strictly, from noise to data, "
+                         "e.g. edm.karras_sigmas(steps).")
+    if sigmas[-1] < 0:
+        raise ValueError(f"Noise levels sigma must be >= 0, got {sigmas[-1].item()}.")
+
+
+def _check_churn(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float):
+    if not S_churn >= 0:
+        raise ValueError(f"S_churn must be >= 0 (0: no churn, Algorithm 1), got {S_churn}.")
+    if not S_noise > 0:
+        raise ValueError(f"S_noise must be positive (1: unit-variance churn noise), got {S_noise}.")
+    if not 0 <= S_tmin <= S_tmax:
+        raise ValueError(f"Need 0 <= S_tmin <= S_tmax, the range of sigma that is churned, got "
+                         f"S_tmin={S_tmin}, S_tmax={S_tmax}.")
+
+
+def _evaluate_sigma(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond, dtype: torch.dtype) -> torch.Tensor:
+    """D(x, sigma) on the float64 state x: the denoiser sees x in `dtype`, sigma [B] in float64."""
+    return denoiser(x.to(dtype), sigma.expand(x.shape[0]).to(x.device), cond).to(torch.float64)
+
+
+@torch.no_grad()
+def _integrate_sigmas(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, cond, callback, step, *,
+                      S_churn: float, S_tmin: float, S_tmax: float, S_noise: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """Karras et al. (2022), Algorithm 2, with its step to the next level left to `step(x, x0_hat,
+    sigma, sigma_next)`: N = len(sigmas) - 1 steps from x = sigmas[0] noise; each first churns, for
+    sigma_i in [S_tmin, S_tmax], with gamma = min(S_churn / N, sqrt(2) - 1),
+        sigma_hat = (1 + gamma) sigma_i,    x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) eps,
+    eps ~ N(0, S_noise^2 I) (drawn like `noise`, from `generator`, only where gamma > 0), then steps
+    from (x_hat, sigma_hat) with x0_hat = D(x_hat, sigma_hat); onto sigma = 0 the step is x0_hat."""
+    _check_sigmas(sigmas)
+    _check_churn(S_churn, S_tmin, S_tmax, S_noise)
+    sigmas = sigmas.detach().to("cpu", torch.float64)
+    n = len(sigmas) - 1
+    gamma_max = min(S_churn / n, math.sqrt(2) - 1)
+    x = noise.to(torch.float64) * sigmas[0]  # x_0 ~ N(0, sigma_0^2 I)
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = gamma_max if S_tmin <= sigma <= S_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + S_noise * (sigma_hat**2 - sigma**2).sqrt() * _randn(noise, generator)
+        x0_hat = _evaluate_sigma(denoiser, x, sigma_hat, cond, noise.dtype)
+        if callback is not None:
+            callback(i, sigma_hat, x.to(noise.dtype), x0_hat.to(noise.dtype))
+        x = x0_hat if sigma_next == 0 else step(x, x0_hat, sigma_hat, sigma_next)
+    return x.to(noise.dtype)
+
+
+def edm_euler_step(x, x0_hat, sigma, sigma_next):
+    """Euler's method on the probability-flow ODE in sigma, dx/dsigma = (x - D(x, sigma)) / sigma
+    (Karras et al., 2022, Sec. 3 with their sigma(t) = t, s(t) = 1): x + (sigma_next - sigma) d."""
+    return x + (sigma_next - sigma) * (x - x0_hat) / sigma
+
+
+def sample_edm_euler(denoiser, noise, sigmas, cond=None, callback=None, *, S_churn: float = 0.0,
+                     S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Euler steps in sigma (Karras et al., 2022, Algorithm 2 without Heun's correction): one
+    evaluation a step, first order. With S_churn = 0 it is deterministic and the same
+    as DDIM (eta = 0) on any schedule's matching t grid; with S_churn > 0, churned as
+    `_integrate_sigmas` describes."""
+    return _integrate_sigmas(denoiser, noise, sigmas, cond, callback, edm_euler_step, S_churn=S_churn,
+                             S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, generator=generator)
+
+
+def sample_edm_heun(denoiser, noise, sigmas, cond=None, callback=None, *, S_churn: float = 0.0,
+                    S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Heun's method in sigma: Karras et al. (2022), Algorithm 1 at S_churn = 0 (deterministic,
+    second order), Algorithm 2 with S_churn > 0 (their ImageNet-64 setting: S_churn = 40,
+    S_tmin = 0.05, S_tmax = 50, S_noise = 1.003). From the Euler step x_e at sigma_next, the
+    average of the slopes d = (x - D) / sigma at both ends:
+        x_next = x_hat + (sigma_next - sigma_hat) (d(x_hat, sigma_hat) + d(x_e, sigma_next)) / 2.
+    Two evaluations a step, except the last onto sigma = 0 (d is undefined there): 2N - 1 in all."""
+    def step(x, x0_hat, sigma, sigma_next):
+        x_euler = edm_euler_step(x, x0_hat, sigma, sigma_next)
+        d_next = (x_euler - _evaluate_sigma(denoiser, x_euler, sigma_next, cond, noise.dtype)) / sigma_next
+        return x + (sigma_next - sigma) * ((x - x0_hat) / sigma + d_next) / 2
+
+    return _integrate_sigmas(denoiser, noise, sigmas, cond, callback, step, S_churn=S_churn,
+                             S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, generator=generator)
+
+
+SIGMA_SAMPLERS = {"edm_euler": sample_edm_euler, "edm_heun": sample_edm_heun}
