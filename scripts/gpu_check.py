@@ -8,8 +8,9 @@ stage on the CPU in seconds (tests/test_gpu_check.py does, so this script cannot
     env     the machine: GPU name, torch, CUDA and cuDNN versions, TF32 flags, the peak used for MFU
     tests   `pytest tests -m cuda`: pass, fail, error and skip counts, the failures' names
     sample  every sampler x float32, float16, bfloat16 through the shipped TextToImagePipeline on
-            the device: finite or not, how far the decoded images are from float32 on the same
-            device and from float32 on the CPU, from a second identical run, and seconds
+            the device (EDM's sigma-space samplers on the v model dit_t2i, through edm.sigma_denoiser):
+            finite or not, how far the decoded images are from float32 on the same device and from
+            float32 on the CPU, from a second identical run, and seconds
     train   a few hundred Trainer steps of a DiT-B/2-sized DiT on 32x32x4 synthetic latents (bf16
             autocast, torch.compile, flash attention enforced): loss at start and end, steps/s,
             images/s, MFU
@@ -75,7 +76,7 @@ ASSETS = REPO / "tutorial_lib" / "assets"
 T2I, FLOW = "dit_t2i", "target_study/flow"  # flow_euler steps only the flow schedule: the flow model
 PROMPTS = ("a t-shirt", "a pair of trousers", "a sneaker", "an ankle boot")
 DTYPES = ("float32", "float16", "bfloat16")
-QUICK_SAMPLERS = ("ddim", "flow_euler")  # one per shipped pipeline
+QUICK_SAMPLERS = ("ddim", "flow_euler", "edm_heun")  # one per shipped pipeline, and one in sigma
 QUICK_DTYPES = ("float32", "bfloat16")  # float16 is a GPU dtype: on the CPU many kernels lack it
 
 
@@ -255,11 +256,11 @@ def error_text(err: BaseException) -> str:
 def stage_sample(args, part: Part):
     import torch
 
-    from tutorial_lib.diffusion.samplers import SAMPLERS, samplers_for
+    from tutorial_lib.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, samplers_for
     from tutorial_lib.pipeline import OPTIONS, TextToImagePipeline
 
     prompts = list(PROMPTS[:2] if args.quick else PROMPTS)
-    samplers = QUICK_SAMPLERS if args.quick else tuple(SAMPLERS)
+    samplers = QUICK_SAMPLERS if args.quick else (*SAMPLERS, *SIGMA_SAMPLERS)
     dtypes = QUICK_DTYPES if args.quick else DTYPES
     settings = {"num_inference_steps": 3 if args.quick else 25, "guidance_scale": 3.0, "seed": 0}
     bases = {asset: load_pipeline(ASSETS / asset, args.prompts) for asset in (T2I, FLOW)}

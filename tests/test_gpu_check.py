@@ -121,6 +121,7 @@ def test_sample_cases(report):
         assert cases["float32"]["max_abs_diff_vs_cpu_float32"] == 0  # the device is the CPU here
         assert 0 < cases["bfloat16"]["max_abs_diff_vs_device_float32"] < 0.5
     assert sample["cases"]["flow_euler"]["float32"]["pipeline"] == gpu_check.FLOW
+    assert sample["cases"]["edm_heun"]["float32"]["pipeline"] == gpu_check.T2I  # the v model, in sigma
 
 
 def test_train_and_bench_numbers(report):

@@ -1,10 +1,11 @@
 """The text-to-image pipeline: seeding, output format, input checks, save/load (and broken folders),
-sampler-schedule pairs, precision and devices, and the shipped model."""
+sampler-schedule pairs, EDM models and samplers, precision and devices, and the shipped model."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 
 import numpy as np
@@ -14,9 +15,10 @@ from PIL import Image
 
 from tutorial_lib.data.captions import CLASS_PROMPTS
 from tutorial_lib.diffusion.parametrizations import PREDICTIONS
-from tutorial_lib.diffusion.samplers import SAMPLERS, samplers_for
+from tutorial_lib.diffusion.edm import EDMPrecond, karras_sigmas, t_of_sigma
+from tutorial_lib.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, sample_ddim, samplers_for
 from tutorial_lib.diffusion.schedules import get_schedule
-from tutorial_lib.pipeline import WEIGHTS, TextToImagePipeline, start_level
+from tutorial_lib.pipeline import OPTIONS, SAMPLING_OPTIONS, WEIGHTS, TextToImagePipeline, start_level
 from tutorial_lib.vae.autoencoder import load_vae
 from tutorial_lib.weights import WeightsError, asset, weights_hash
 
@@ -324,15 +326,18 @@ SCHEDULES = [("cosine", False), ("flow", False), ("linear", False), ("scaled_lin
 
 @pytest.mark.parametrize("schedule, zero_terminal_snr", SCHEDULES)
 def test_every_pair_the_pipeline_accepts_samples(dit_parts, shipped_vae, schedule, zero_terminal_snr):
-    """Every prediction with every sampler on `schedule`, from the prediction's start level: the
-    pipeline refuses exactly the pairs `samplers_for` leaves out (flow Euler off the flow path),
-    naming the samplers it would take, and every pair it accepts samples finite latents."""
+    """Every prediction, EDM's included, with every sampler, the sigma-space ones included, on
+    `schedule`, from the prediction's start level: the pipeline refuses exactly the pairs
+    `samplers_for` leaves out (flow Euler off the flow path), naming the samplers it would take,
+    and every pair it accepts samples finite latents (through edm.sigma_denoiser or
+    edm.time_denoiser where the coordinates differ)."""
     dit, text = _randomize(dit_parts[0]), dit_parts[1]
     noise_schedule = get_schedule(schedule, zero_terminal_snr)
-    for prediction in PREDICTIONS:
+    for prediction in (*PREDICTIONS, "edm"):
         options = dict(prediction=prediction, schedule=schedule, zero_terminal_snr=zero_terminal_snr,
-                       t_max=start_level(prediction, noise_schedule))
-        for sampler in SAMPLERS:
+                       t_max=start_level(prediction, noise_schedule),
+                       sigma_data=0.8 if prediction == "edm" else None)
+        for sampler in (*SAMPLERS, *SIGMA_SAMPLERS):
             if sampler not in samplers_for(noise_schedule):
                 with pytest.raises(ValueError, match=", ".join(samplers_for(noise_schedule))):
                     TextToImagePipeline(dit, text, shipped_vae, sampler=sampler, **options)
@@ -340,6 +345,200 @@ def test_every_pair_the_pipeline_accepts_samples(dit_parts, shipped_vae, schedul
             pipe = TextToImagePipeline(dit, text, shipped_vae, sampler=sampler, **options)
             latents = pipe.generate_latents(["a bag", "a coat"], num_inference_steps=STEPS, seed=1)
             assert torch.isfinite(latents).all(), (prediction, sampler)
+
+
+# ----------------------------------------------------------------------------- EDM models and samplers
+def _edm_pipe(dit_parts, vae, randomize=True, **options):
+    dit, text = dit_parts
+    return TextToImagePipeline(_randomize(dit) if randomize else dit, text, vae,
+                               **{"prediction": "edm", "sigma_data": 0.8, "sampler": "edm_heun", **options})
+
+
+def test_zero_initialised_dit_under_edm_is_the_preconditioned_identity(dit_parts, shipped_vae):
+    """F = 0 (adaLN-Zero) leaves D(x, sigma) = c_skip x = sd^2 / (sigma^2 + sd^2) x, whatever the
+    guidance."""
+    pipe = _edm_pipe(dit_parts, shipped_vae, randomize=False)
+    text = dit_parts[1]
+    x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([0.01, 0.8, 40.0], dtype=torch.float64)
+    c_skip = (0.8**2 / (sigma**2 + 0.8**2)).reshape(-1, 1, 1, 1)
+    cond = (text.encode(["a bag"] * 3), text.null(3))
+    torch.testing.assert_close(pipe.denoiser(3.0)(x, sigma, cond), (c_skip * x).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_edm_guidance_scale_one_is_the_conditional_denoiser(dit_parts, shipped_vae):
+    pipe = _edm_pipe(dit_parts, shipped_vae)
+    dit, text = dit_parts
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 7.0], dtype=torch.float64)
+    cond, null = text.encode(["a bag", "a dress"]), text.null(2)
+    conditional, unconditional = EDMPrecond(dit, 0.8)(x, sigma, cond), EDMPrecond(dit, 0.8)(x, sigma, null)
+    torch.testing.assert_close(pipe.denoiser(1.0)(x, sigma, (cond, null)), conditional)
+    torch.testing.assert_close(pipe.denoiser(0.0)(x, sigma, (cond, null)), unconditional, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(conditional, unconditional)
+
+
+def test_an_edm_model_takes_the_same_path_in_sigma_and_in_t(dit_parts, shipped_vae):
+    """On the same levels (the t grid of the Karras grid) and the same seed, DDIM and Euler in t are
+    EDM's Euler in sigma, and Heun in t is EDM's Heun (Karras et al., 2022, Sec. 3): the same images
+    up to float32 rounding. num_inference_steps counts steps: N + 1 levels, 2N - 1 evaluations for
+    Heun."""
+    pipe, prompts = _edm_pipe(dit_parts, shipped_vae), ["a bag", "a coat"]
+    latents, calls = {}, []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *args: calls.append(1) or forward(*args)
+    for sampler in ("edm_euler", "ddim", "euler", "edm_heun", "heun"):
+        calls.clear()
+        latents[sampler] = pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=3, sampler=sampler)
+        assert len(calls) == (2 * STEPS - 1 if "heun" in sampler else STEPS), sampler
+    for t_space, sigma_space in [("ddim", "edm_euler"), ("euler", "edm_euler"), ("heun", "edm_heun")]:
+        torch.testing.assert_close(latents[t_space], latents[sigma_space], rtol=0, atol=1e-4)
+    assert not torch.allclose(latents["edm_euler"], latents["edm_heun"])
+
+
+@pytest.mark.parametrize("prediction, schedule, t_max, sigma_max", [
+    ("v", "cosine", 1.0, 80.0),  # sigma(1) = inf: no cap
+    ("eps", "cosine", 0.99, math.tan(0.99 * math.pi / 2)),  # starts where its t grid would (63.7)
+    ("v", "scaled_linear", 1.0, 14.6146),  # Stable Diffusion's betas end at sigma 14.6
+    ("edm", "cosine", 1.0, 80.0), ("edm", "scaled_linear", 1.0, 80.0)])  # the schedule is not the EDM model's
+def test_edm_samplers_start_where_the_schedule_reaches(dit_parts, shipped_vae, prediction, schedule, t_max,
+                                                        sigma_max):
+    """The sigma grid of an EDM sampler starts at sigma_max, capped at sigma(t_max) on a VP model's
+    schedule; the noise it scales is the seed's standard normal noise, as for every sampler."""
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    pipe = TextToImagePipeline(dit, text, shipped_vae, prediction=prediction, schedule=schedule, t_max=t_max,
+                               sigma_data=0.8 if prediction == "edm" else None, sampler="edm_euler")
+    seen = []
+    pipe.generate_latents("a bag", num_inference_steps=STEPS, seed=0,
+                          callback=lambda i, sigma, x, x0: seen.append((sigma, x)))
+    assert [float(s) for s, _ in seen] == pytest.approx(karras_sigmas(STEPS, sigma_max=sigma_max)[:-1].tolist(),
+                                                         rel=1e-5)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[0][1], noise * seen[0][0].float())
+
+
+def test_a_vp_model_samples_with_the_edm_samplers(dit_parts, shipped_vae):
+    """edm.sigma_denoiser runs a v model in sigma: EDM's Euler on the Karras grid is DDIM on the same
+    levels in t (a v model sampled with DDIM on the t grid of that grid, through the samplers)."""
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    pipe = TextToImagePipeline(dit, text, shipped_vae, prediction="v", sampler="edm_euler")
+    prompts = ["a bag", "a coat"]
+    cond = (text.encode(prompts), text.null(2))
+    ts = t_of_sigma(pipe.noise_schedule, karras_sigmas(STEPS))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    alpha, _ = pipe.noise_schedule.alpha_sigma(ts[0])
+    expected = sample_ddim(pipe.denoiser(3.0), noise * (alpha * 80.0), ts, cond, schedule=pipe.noise_schedule)
+    torch.testing.assert_close(pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=5), expected,
+                               rtol=0, atol=1e-4)
+
+
+def test_edm_pipeline_round_trips_through_both_loaders(dit_parts, shipped_vae, tmp_path):
+    """model_index.json records sigma_data and the Karras grid and churn settings (S_tmax None: no
+    bound, as JSON has no inf); our loader and diffusers' build pipelines that draw the same images,
+    in the saved settings and with per-call overrides."""
+    from diffusers import DiffusionPipeline
+
+    churn = {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
+    pipe = _edm_pipe(dit_parts, shipped_vae, sigma_min=0.004, rho=5.0, **churn)
+    prompts = ["a bag", "an ankle boot"]
+    a = pipe.generate(prompts, num_inference_steps=STEPS, seed=5)
+    pipe.save_pretrained(tmp_path / "edm")
+    index = json.loads((tmp_path / "edm" / "model_index.json").read_text())
+    assert {k: index[k] for k in OPTIONS} == {
+        "prediction": "edm", "schedule": "cosine", "zero_terminal_snr": False, "sigma_data": 0.8,
+        "sampler": "edm_heun", "t_max": 1.0, "sigma_min": 0.004, "sigma_max": 80.0, "rho": 5.0, **churn}
+    ours = TextToImagePipeline.from_pretrained(tmp_path / "edm")
+    theirs = DiffusionPipeline.from_pretrained(tmp_path / "edm", trust_remote_code=True)
+    assert type(theirs) is TextToImagePipeline
+    assert {k: theirs.config[k] for k in OPTIONS} == {k: ours.config[k] for k in OPTIONS}
+    assert torch.equal(ours.generate(prompts, num_inference_steps=STEPS, seed=5), a)
+    assert torch.equal(theirs.generate(prompts, num_inference_steps=STEPS, seed=5), a)
+    calm = {"S_churn": 0.0, "sampler": "dpmpp_2m", "sigma_max": 20.0}
+    b = ours.generate(prompts, num_inference_steps=STEPS, seed=5, **calm)
+    assert torch.equal(theirs.generate(prompts, num_inference_steps=STEPS, seed=5, **calm), b)
+    assert not torch.allclose(a, b)
+    assert ours.config.sampler == "edm_heun" and ours.config.S_churn == 40.0  # a call changes nothing saved
+
+
+def test_a_folder_saved_before_the_edm_options_loads_as_it_was(dit_parts, shipped_vae, tmp_path):
+    """model_index.json without sigma_data and the Karras and churn settings (every pipeline saved
+    before them, the shipped ones included): both loaders take the defaults, and the images are
+    the same bits."""
+    from diffusers import DiffusionPipeline
+
+    dit, text = _randomize(dit_parts[0]), dit_parts[1]
+    pipe = TextToImagePipeline(dit, text, shipped_vae, prediction="v", sampler="heun")
+    pipe.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "model_index.json"
+    index = json.loads(path.read_text())
+    new = ("sigma_data", "sigma_min", "sigma_max", "rho", "S_churn", "S_tmin", "S_tmax", "S_noise")
+    path.write_text(json.dumps({k: v for k, v in index.items() if k not in new}))
+    a = pipe.generate(["a bag", "a coat"], num_inference_steps=STEPS, seed=1)
+    for loaded in (TextToImagePipeline.from_pretrained(tmp_path / "old"),
+                   DiffusionPipeline.from_pretrained(tmp_path / "old", trust_remote_code=True)):
+        assert loaded.config.sigma_data is None and loaded.config.sigma_max == 80.0
+        assert torch.equal(loaded.generate(["a bag", "a coat"], num_inference_steps=STEPS, seed=1), a)
+
+
+@pytest.mark.parametrize("sampler", SIGMA_SAMPLERS)
+def test_churn_is_seeded(dit_parts, shipped_vae, sampler):
+    pipe, prompts = _edm_pipe(dit_parts, shipped_vae, sampler=sampler), ["a bag", "a coat"]
+    churn = {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
+    a = pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=3, **churn)
+    assert torch.equal(a, pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=3, **churn))
+    assert not torch.allclose(a, pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=4, **churn))
+    assert not torch.allclose(a, pipe.generate_latents(prompts, num_inference_steps=STEPS, seed=3))
+
+
+BAD_EDM_OPTIONS = {  # options -> what the error says
+    "edm without sigma_data": ({"prediction": "edm", "sigma_data": None},
+                               "needs the sigma_data its model was trained with"),
+    "edm with sigma_data 0": ({"prediction": "edm", "sigma_data": 0.0}, "positive and finite"),
+    "sigma_data on a v model": ({"prediction": "v", "sigma_data": 0.5}, "a v model has none"),
+    "edm from t_max < 1": ({"prediction": "edm", "sigma_data": 0.5, "t_max": 0.99}, "leave t_max at 1"),
+    "flow Euler off the flow path": ({"prediction": "edm", "sigma_data": 0.5, "sampler": "flow_euler"},
+                                     "on it choose from ddpm, ddim, euler, heun, dpmpp_2m, edm_euler, edm_heun"),
+    "negative churn": ({"sampler": "edm_heun", "S_churn": -1.0}, "S_churn must be >= 0"),
+    "S_noise 0": ({"sampler": "edm_heun", "S_noise": 0.0}, "S_noise must be positive"),
+    "S_tmin > S_tmax": ({"sampler": "edm_euler", "S_tmin": 10.0, "S_tmax": 1.0}, "S_tmin <= S_tmax"),
+    "churn in a t-space sampler": ({"sampler": "ddim", "S_churn": 10.0}, "sample with edm_euler or edm_heun"),
+    "sigma_min above sigma_max": ({"sampler": "edm_heun", "sigma_min": 100.0}, "0 < sigma_min < sigma_max"),
+    "rho 0": ({"sampler": "edm_heun", "rho": 0.0}, "rho must be positive"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_EDM_OPTIONS)
+def test_bad_edm_options_are_refused_when_built_loaded_or_called(dit_parts, shipped_vae, tmp_path, bad):
+    """Each bad setting is a clear error when the pipeline is built, when a saved folder holding it
+    is loaded (by either loader), and, for the sampling options, when a call passes it."""
+    from diffusers import DiffusionPipeline
+
+    options, match = BAD_EDM_OPTIONS[bad]
+    dit, text = dit_parts
+    with pytest.raises(ValueError, match=match):
+        TextToImagePipeline(dit, text, shipped_vae, **options)
+    pipe = TextToImagePipeline(dit, text, shipped_vae, prediction=options["prediction"], sigma_data=0.5) \
+        if options.get("prediction") == "edm" else TextToImagePipeline(dit, text, shipped_vae)
+    pipe.save_pretrained(tmp_path / "p")
+    path = tmp_path / "p" / "model_index.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **options}))
+    with pytest.raises(ValueError, match=match):
+        TextToImagePipeline.from_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match=match):
+        DiffusionPipeline.from_pretrained(tmp_path / "p", trust_remote_code=True)
+    per_call = {k: v for k, v in options.items() if k in SAMPLING_OPTIONS}
+    if per_call == options:
+        with pytest.raises(ValueError, match=match):
+            pipe.generate_latents("a bag", num_inference_steps=STEPS, **per_call)
+
+
+def test_per_call_options_are_the_sampling_ones(dit_parts, shipped_vae):
+    pipe = _edm_pipe(dit_parts, shipped_vae)
+    with pytest.raises(TypeError, match=r"Unknown sampling options \['sigma_data'\].*are the model's"):
+        pipe.generate_latents("a bag", num_inference_steps=STEPS, sigma_data=0.5)
+    with pytest.raises(TypeError, match="Unknown sampling options"):
+        pipe.generate_latents("a bag", num_inference_steps=STEPS, churn=3)
+    with pytest.raises(ValueError, match="eta is the ddim sampler's; this pipeline samples with edm_heun"):
+        pipe.generate_latents("a bag", num_inference_steps=STEPS, eta=1.0)
+    assert torch.isfinite(pipe.generate_latents("a bag", num_inference_steps=STEPS, sampler="ddim", eta=1.0)).all()
 
 
 # ----------------------------------------------------------------------------- precision and devices
@@ -408,6 +607,27 @@ def test_half_precision_networks_and_a_float32_state(tiny_denoiser, tiny_text_en
     assert latents.dtype == torch.float32
     images = pipe.generate(["a bag", "a coat"], num_inference_steps=STEPS)
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("sampler", ["edm_heun", "ddim"])
+def test_half_precision_edm_network_and_a_float32_state(tiny_denoiser, tiny_text_encoder, monkeypatch, sampler):
+    """The same rule for an EDM model, in sigma or in t: the network sees c_in x, its noise level and
+    the tokens in float16; x, x0_hat and the latents stay float32 (EDM's samplers step in float64)."""
+    pipe = TextToImagePipeline(tiny_denoiser, tiny_text_encoder, prediction="edm", sigma_data=1.0,
+                               sampler=sampler).to(torch.float16)
+    seen, states = [], []
+    forward = pipe.transformer.forward
+
+    def spy(x, t, text):
+        out = forward(x, t, text)
+        seen.append((x.dtype, text.tokens.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    latents = pipe.generate_latents(["a bag", "a coat"], num_inference_steps=STEPS,
+                                    callback=lambda i, t, x, x0: states.append((x.dtype, x0.dtype)))
+    assert set(seen) == {(torch.float16,) * 3} and set(states) == {(torch.float32,) * 2}
+    assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -490,7 +710,7 @@ def test_stochastic_samplers_on_cuda(dit_parts, sampler, eta):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", SHIPPED)
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", [*SAMPLERS, *SIGMA_SAMPLERS])
 def test_every_sampler_in_every_dtype_on_cuda(name, sampler):
     """float32, float16 and bfloat16 on the GPU: finite, and float16 and bfloat16 within
     PRECISION_TOLERANCE of float32."""

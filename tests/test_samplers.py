@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tutorial_lib.diffusion.parametrizations import prediction_target
-from tutorial_lib.diffusion.samplers import (SAMPLERS, _randn, default_sampler, sample_ddim, sample_ddpm,
-                                             sample_dpmpp_2m, sample_euler, sample_flow_euler, sample_heun,
-                                             samplers_for)
+from tutorial_lib.diffusion.samplers import (SAMPLERS, SIGMA_SAMPLERS, _randn, default_sampler, sample_ddim,
+                                             sample_ddpm, sample_dpmpp_2m, sample_euler, sample_flow_euler,
+                                             sample_heun, samplers_for)
 from tutorial_lib.diffusion.schedules import COSINE, FLOW, get_schedule, shift_timesteps, time_grid
 
 M = torch.tensor([1.5, -0.5, 2.0, 0.0], dtype=torch.float64)
@@ -196,12 +196,16 @@ def test_stochastic_samplers_on_cuda(name):
 
 
 def test_every_schedule_has_samplers_and_a_default_among_them():
-    """Flow Euler steps the flow path alone; every other sampler steps every schedule."""
+    """Flow Euler steps the flow path alone; every other sampler, the sigma-space ones included,
+    steps every schedule. An EDM model defaults to EDM's Heun on any."""
     for schedule in (COSINE, FLOW, SCALED_LINEAR, ZTSNR, get_schedule("linear")):
-        assert default_sampler(schedule) in samplers_for(schedule)
-        others = set(SAMPLERS) - {"flow_euler"}
-        assert set(samplers_for(schedule)) == (set(SAMPLERS) if schedule is FLOW else others)
+        for prediction in (None, "x0", "eps", "v", "flow", "edm"):
+            assert default_sampler(schedule, prediction) in samplers_for(schedule)
+        every = set(SAMPLERS) | set(SIGMA_SAMPLERS)
+        assert set(samplers_for(schedule)) == (every if schedule is FLOW else every - {"flow_euler"})
+        assert default_sampler(schedule, "edm") == "edm_heun"
     assert default_sampler(FLOW) == "flow_euler" and default_sampler(COSINE) == "ddim"
+    assert default_sampler(FLOW, "flow") == "flow_euler" and default_sampler(COSINE, "v") == "ddim"
 
 
 def test_float32_grid_and_state():

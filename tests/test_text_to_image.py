@@ -1,9 +1,10 @@
-"""Notebook 03's DiT training (train/text_to_image.py): config checks, the loss, the caption table and
-condition dropout, frozen vs learned text encoders, seeding, exact resume, the pipeline built from
-the EMA, and `train --model dit` on the CLI. Random latents [N, 4, 8, 8], a tiny DiT, CPU."""
+"""Notebook 03's DiT training (train/text_to_image.py): config checks, the loss (EDM's too), the caption
+table and condition dropout, frozen vs learned text encoders, seeding, exact resume, the pipeline
+built from the EMA, and `train --model dit` on the CLI. Random latents [N, 4, 8, 8], a tiny DiT, CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from tutorial_lib.data.captions import all_training_captions
+from tutorial_lib.diffusion.edm import edm_target, measure_sigma_data
 from tutorial_lib.diffusion.losses import sample_timesteps
 from tutorial_lib.diffusion.parametrizations import PREDICTIONS, prediction_target
 from tutorial_lib.models.dit import DiT, preset
 from tutorial_lib.pipeline import EPS_T_MAX, TextToImagePipeline
 from tutorial_lib.text import OneHotConfig, OneHotEncoder, clear_memory_cache, prompt_label
 from tutorial_lib.train.text_to_image import (CaptionConditionedDiT, Objective, TextToImageConfig, build,
-                                              class_caption_rows, diffusion_loss, make_loss_fn,
-                                              train_text_to_image)
+                                              class_caption_rows, diffusion_loss, edm_diffusion_loss,
+                                              make_loss_fn, train_text_to_image)
 from tutorial_lib.train.trainer import TrainerConfig
 
 N = 32
@@ -61,10 +63,29 @@ def assert_same_weights(a: torch.nn.Module | dict, b: torch.nn.Module | dict):
 @pytest.mark.parametrize("kwargs, match", [
     ({"prediction": "score"}, "score"), ({"t_distribution": "gamma"}, "gamma"),
     ({"cond_drop": 1.0}, "cond_drop"), ({"cond_drop": -0.1}, "cond_drop"),
-    ({"schedule": "quadratic"}, "quadratic")])
+    ({"schedule": "quadratic"}, "quadratic"),
+    ({"prediction": "edm", "P_std": -1.0}, "0 <= P_std"), ({"prediction": "edm", "sigma_data": 0.0}, "sigma_data"),
+    ({"prediction": "edm", "sigma_data": float("nan")}, "positive and finite")])
 def test_objective_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Objective(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"schedule": "flow"}, {"schedule": "linear", "zero_terminal_snr": True},
+                                    {"t_distribution": "logit_normal"}, {"t_logit_normal": (0.5, 1.0)},
+                                    {"t_shift": 3.0}, {"min_snr_gamma": 5.0}])
+def test_edm_refuses_the_options_of_t(kwargs):
+    """EDM draws sigma, not t, and weights by its own lambda(sigma): the t options are refused by name;
+    the noise options (offset noise, input perturbation) apply."""
+    with pytest.raises(ValueError, match=f"prediction='edm' draws ln sigma.*{next(iter(kwargs))}=.*do not apply"):
+        Objective(prediction="edm", **kwargs)
+    assert Objective(prediction="edm", offset_noise=0.1, input_perturbation=0.1, P_mean=-0.4, sigma_data=0.6)
+
+
+@pytest.mark.parametrize("kwargs", [{"P_mean": -0.5}, {"P_std": 1.0}, {"sigma_data": 0.5}])
+def test_the_edm_options_are_edms(kwargs):
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))}=.* are the EDM objective's"):
+        Objective(prediction="v", **kwargs)
 
 
 def test_config_rejects_an_unknown_text_encoder(tmp_path):
@@ -79,6 +100,8 @@ def test_config_round_trips_through_json(tmp_path):
     back = TextToImageConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg and back is not cfg
     assert isinstance(back.objective.t_logit_normal, tuple) and isinstance(back.model.input_size, tuple)
+    edm = config(tmp_path, objective=Objective(prediction="edm", P_mean=-0.8, P_std=1.4, sigma_data=0.7))
+    assert TextToImageConfig.from_dict(json.loads(json.dumps(edm.to_dict()))) == edm
 
 
 @pytest.mark.parametrize("d, key", [({"bogus": 1}, "bogus"), ({"objective": {"predicton": "v"}}, "predicton"),
@@ -137,6 +160,41 @@ def test_an_oracle_that_knows_x0_has_zero_loss_without_input_perturbation(predic
     assert perturbed < 1e-8 if prediction == "x0" else perturbed > 1e-3
 
 
+def test_an_edm_oracle_has_zero_loss_without_input_perturbation(data):
+    """F is asked for F_target = (sigma x0 - sd^2 n) / (sd sqrt(sigma^2 + sd^2)) of the n that made
+    its input c_in x (offset noise included); input perturbation moves the input only. The model
+    reads sigma back from c_noise = ln(sigma) / 4, and n from c_in x."""
+    x0, _ = data
+
+    def oracle(objective):
+        sd = objective.sigma_data
+
+        def model(x_in, c_noise, rows):
+            sigma = (4 * c_noise.double()).exp().reshape(-1, 1, 1, 1)
+            x = x_in.double() * (sigma**2 + sd**2).sqrt()
+            return edm_target(x0.double(), (x - x0) / sigma, sigma, sd).float()
+        return edm_diffusion_loss(model, x0, torch.zeros(N, dtype=torch.long), objective,
+                                  torch.Generator().manual_seed(0))[0].item()
+
+    assert oracle(Objective(prediction="edm", sigma_data=0.7, offset_noise=0.3, P_mean=0.5)) < 1e-8
+    assert oracle(Objective(prediction="edm", sigma_data=0.7, input_perturbation=0.3)) > 1e-3
+
+
+def test_an_untrained_dit_scores_about_one_under_edm(data, tmp_path):
+    """The DiT starts at F = 0 (adaLN-Zero), and F_target has unit variance for data of std
+    sigma_data (measured): the first EDM loss is about 1 at every P_mean (mean of 32 x 256 squares)."""
+    x0, _ = data
+    model = build(config(tmp_path))
+    for P_mean in (-1.2, 1.0):
+        objective = Objective(prediction="edm", P_mean=P_mean, sigma_data=measure_sigma_data(x0))
+        loss, _ = diffusion_loss(model, x0, torch.zeros(N, dtype=torch.long), objective,
+                                 torch.Generator().manual_seed(1))  # seed 0 drew x0: n would be x0
+        assert loss.item() == pytest.approx(1.0, abs=0.05)  # measured: 0.98 to 1.01 over seeds
+    with pytest.raises(ValueError, match="sigma_data.*train_text_to_image measures it"):
+        diffusion_loss(model, x0, torch.zeros(N, dtype=torch.long), Objective(prediction="edm"),
+                       torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("schedule", [{"schedule": "cosine"},
                                       {"schedule": "linear", "zero_terminal_snr": True}])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -149,6 +207,17 @@ def test_loss_is_finite_with_every_option(prediction, schedule, data, tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_edm_loss_is_finite_with_every_option(data, tmp_path):
+    objective = Objective(prediction="edm", offset_noise=0.1, input_perturbation=0.1, P_std=2.0, sigma_data=1.0)
+    model = build(config(tmp_path))
+    loss, _ = make_loss_fn(class_caption_rows(model), model.null_row, objective)(
+        model, data, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 # ----------------------------------------------------------------------------- captions
@@ -261,11 +330,15 @@ def test_training_is_seeded_and_records_its_config(data, tmp_path):
     assert written == cfgs[0].to_dict() and written["model"]["text_dim"] == 16  # the DiT that trained
 
 
-def test_resume_is_exact(data, tmp_path):
+@pytest.mark.parametrize("objective", [Objective(), Objective(prediction="edm", offset_noise=0.1)],
+                         ids=["v", "edm"])
+def test_resume_is_exact(data, tmp_path, objective):
     """6 steps straight, or 3 then 3 more from the checkpoint: the same bits (a constant lr
-    schedule, since a cosine one depends on the total number of steps)."""
+    schedule, since a cosine one depends on the total number of steps). EDM's sigma_data is measured
+    again on resume, to the same bits."""
     def cfg(name, steps):
-        return config(tmp_path, name, steps=steps, checkpoint_every=3, schedule="constant", warmup_steps=2)
+        return config(tmp_path, name, steps=steps, checkpoint_every=3, schedule="constant", warmup_steps=2,
+                      objective=dataclasses.replace(objective))
 
     full = train_text_to_image(cfg("full", 6), *data)
     train_text_to_image(cfg("resumed", 3), *data)
@@ -278,6 +351,20 @@ def test_resume_is_exact(data, tmp_path):
         train_text_to_image(cfg("resumed", 9), *data)  # without resume=True, never over a run...
     written = json.loads((tmp_path / "resumed" / "config.json").read_text())
     assert written["trainer"]["steps"] == 6  # ...nor over its config
+
+
+def test_edm_measures_sigma_data_once_and_records_it(data, tmp_path, capsys):
+    """sigma_data None: measured from the training latents when training starts, into the config (and
+    config.json), never assumed; a given value is kept."""
+    cfg = config(tmp_path, "measured", objective=Objective(prediction="edm"))
+    train_text_to_image(cfg, *data)
+    measured = measure_sigma_data(data[0])
+    assert cfg.objective.sigma_data == measured and measured != 0.5
+    assert json.loads((tmp_path / "measured" / "config.json").read_text())["objective"]["sigma_data"] == measured
+    assert f"sigma_data = {measured:.4f}, measured from {N} training latents" in capsys.readouterr().out
+    given = config(tmp_path, "given", objective=Objective(prediction="edm", sigma_data=0.5))
+    train_text_to_image(given, *data)
+    assert given.objective.sigma_data == 0.5
 
 
 @pytest.mark.parametrize("encoder, prediction, schedule, sampler",
@@ -347,6 +434,42 @@ def test_cli_flow_prediction_samples_on_either_schedule(schedule, sampler, data,
     assert torch.isfinite(images).all()
 
 
+def test_cli_trains_an_edm_dit_that_both_loaders_sample(data, tmp_path, monkeypatch):
+    """`train --model dit` with an EDM objective: the pipeline records the measured sigma_data and
+    EDM's Heun on the paper's Karras grid; our loader and diffusers' draw the same images, and the
+    EMA is the saved transformer."""
+    import diffusers
+
+    import tutorial_lib.data.latents
+    from tutorial_lib.cli import main
+
+    class FakeCache:
+        def tensors(self, split="train"):
+            return data
+
+    monkeypatch.setattr(tutorial_lib.data.latents, "latent_cache", lambda: FakeCache())
+    cfg = config(tmp_path, "run", checkpoint_every=2, objective=Objective(prediction="edm", P_mean=-1.0))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "pipe"
+    main(["train", "--model", "dit", "--config", str(tmp_path / "config.json"), "--out", str(out),
+          "--device", "cpu"])
+
+    pipe = TextToImagePipeline.from_pretrained(out)
+    c = pipe.config
+    assert (c.prediction, c.sampler, c.t_max) == ("edm", "edm_heun", 1.0)
+    assert c.sigma_data == measure_sigma_data(data[0])
+    assert (c.sigma_min, c.sigma_max, c.rho, c.S_churn, c.S_tmax) == (0.002, 80.0, 7.0, 0.0, None)
+    training = TextToImagePipeline.training_info(out)["train_config"]["objective"]
+    assert (training["sigma_data"], training["P_mean"]) == (c.sigma_data, -1.0)
+    ema = load_file(tmp_path / "run" / "checkpoints" / "step_00000002" / "ema.safetensors")
+    assert_same_weights(pipe.transformer, {k[len("transformer."):]: v for k, v in ema.items()
+                                           if k.startswith("transformer.")})
+    images = pipe.generate(["a bag", "a coat"], num_inference_steps=3, seed=1)
+    assert torch.isfinite(images).all()
+    theirs = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert torch.equal(theirs.generate(["a bag", "a coat"], num_inference_steps=3, seed=1), images)
+
+
 def test_cli_objective_flags():
     from tutorial_lib.cli import _dit_config, build_parser
 
@@ -359,6 +482,21 @@ def test_cli_objective_flags():
             o.t_distribution, o.t_shift, o.min_snr_gamma) == ("eps", "scaled_linear", True, 0.1, 0.05,
                                                               "logit_normal", 3.0, 5.0)
     assert _dit_config(build_parser().parse_args(["train", "--model", "dit"])).objective == Objective()
+
+
+def test_cli_edm_flags():
+    from tutorial_lib.cli import _dit_config, build_parser
+
+    parse = build_parser().parse_args
+    o = _dit_config(parse(["train", "--model", "dit", "--prediction", "edm", "--p-mean", "-0.4", "--p-std", "1.0",
+                           "--sigma-data", "0.6", "--offset-noise", "0.1"])).objective
+    assert (o.prediction, o.P_mean, o.P_std, o.sigma_data, o.offset_noise) == ("edm", -0.4, 1.0, 0.6, 0.1)
+    o = _dit_config(parse(["train", "--model", "dit", "--prediction", "edm"])).objective
+    assert (o.P_mean, o.P_std, o.sigma_data) == (-1.2, 1.2, None)  # the paper's; sigma_data measured
+    with pytest.raises(ValueError, match="min_snr_gamma=5.0 do not apply"):
+        _dit_config(parse(["train", "--model", "dit", "--prediction", "edm", "--min-snr-gamma", "5"]))
+    with pytest.raises(ValueError, match="P_mean=-0.4 are the EDM objective's"):
+        _dit_config(parse(["train", "--model", "dit", "--prediction", "v", "--p-mean", "-0.4"]))
 
 
 def test_cli_posthoc_ema_flags():

@@ -136,7 +136,8 @@ def _dit_config(a):
     objective = Objective(prediction=a.prediction, schedule=a.schedule, zero_terminal_snr=a.zero_terminal_snr,
                           cond_drop=a.cond_drop, t_distribution=a.t_distribution, t_shift=a.t_shift,
                           min_snr_gamma=a.min_snr_gamma, offset_noise=a.offset_noise,
-                          input_perturbation=a.input_perturbation)
+                          input_perturbation=a.input_perturbation, P_mean=a.p_mean, P_std=a.p_std,
+                          sigma_data=a.sigma_data)
     trainer = TrainerConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
                             grad_accum_steps=a.grad_accum, ema_decay=a.ema_decay,
                             posthoc_ema_sigma_rels=a.posthoc_ema, posthoc_snapshot_every=a.posthoc_snapshot_every,
@@ -165,10 +166,10 @@ def _train_dit(a):
         return None
     ema = trainer.ema_model.cpu()
     encoder = ema.text_encoder or text_encoder(cfg.text_encoder, **cfg.text_encoder_kwargs)
-    o = cfg.objective
+    o = cfg.objective  # an EDM run's sigma_data, measured when training started, is recorded here
     pipe = TextToImagePipeline(ema.transformer, encoder, prediction=o.prediction, schedule=o.schedule,
-                               zero_terminal_snr=o.zero_terminal_snr,
-                               sampler=default_sampler(o.noise_schedule()),
+                               zero_terminal_snr=o.zero_terminal_snr, sigma_data=o.sigma_data,
+                               sampler=default_sampler(o.noise_schedule(), o.prediction),
                                t_max=start_level(o.prediction, o.noise_schedule()))
     record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
               "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="dit: a JSON TextToImageConfig (replaces the other training flags, "
                    "--seed included; --device applies when the file sets no device)")
     p.add_argument("--text-encoder", default="minilm", help="dit: one_hot, word, minilm or clip")
-    p.add_argument("--prediction", default="v", help="dit: x0, eps, v or flow")
+    p.add_argument("--prediction", default="v", help="dit: x0, eps, v, flow or edm (Karras et al., 2022)")
     p.add_argument("--schedule", default="cosine", help="dit: cosine, linear, scaled_linear or flow")
     p.add_argument("--zero-terminal-snr", action="store_true", help="dit: rescale a beta schedule to SNR(1) = 0")
     p.add_argument("--t-distribution", default="uniform", help="dit: uniform, beta or logit_normal")
@@ -289,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond-drop", type=float, default=0.1, help="dit: null-caption probability")
     p.add_argument("--offset-noise", type=float, default=0.0, help="dit: offset-noise strength (e.g. 0.1)")
     p.add_argument("--input-perturbation", type=float, default=0.0, help="dit: input-perturbation gamma")
+    p.add_argument("--p-mean", type=float, default=-1.2, help="dit, edm: ln sigma ~ N(P_mean, P_std^2)")
+    p.add_argument("--p-std", type=float, default=1.2, help="dit, edm: see --p-mean")
+    p.add_argument("--sigma-data", type=float, default=None,
+                   help="dit, edm: the latents' std (default: measured from the training latents)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ema-decay", type=float, default=0.999)

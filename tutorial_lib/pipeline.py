@@ -2,8 +2,10 @@
 
     cond, null = text_encoder(prompts), text_encoder("")           # null: what training dropped to
     F_guided   = F(x, t, null) + w (F(x, t, cond) - F(x, t, null))  # guidance.cfg_denoiser, every channel
-    x0_hat     = the prediction F_guided (x0, eps, v or flow) converted to x0 (parametrizations)
-    latents    = sampler(x0_hat, noise, the schedule's grid of num_inference_steps levels)
+    x0_hat     = the prediction F_guided (x0, eps, v or flow) converted to x0 (parametrizations),
+                 or for an EDM model D_guided = c_skip x + c_out F_guided (edm.EDMPrecond)
+    latents    = sampler(x0_hat, noise, the schedule's grid of num_inference_steps levels, or
+                 Karras et al.'s sigma grid for an EDM model or sampler)
     images     = vae.decode(latents)
 
 Saved in diffusers' directory layout (`save_pretrained`), so the folder is also a diffusers pipeline:
@@ -25,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -33,9 +36,10 @@ from diffusers.configuration_utils import ConfigMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .diffusion.edm import EDMPrecond, karras_sigmas, sigma_denoiser, sigma_of_t, t_of_sigma, time_denoiser
 from .diffusion.guidance import cfg_denoiser
 from .diffusion.parametrizations import PREDICTIONS, well_defined, x0_denoiser
-from .diffusion.samplers import SAMPLERS, samplers_for
+from .diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, check_churn, samplers_for
 from .diffusion.schedules import Schedule, get_schedule
 from .models.dit import DiT, DiTConfig
 from .models.tiny_transformer import TinyTransformer, TinyTransformerConfig
@@ -51,7 +55,10 @@ SHIM = "tutorial_pipeline"
 TRAINED = {"DiT": (DiT, DiTConfig), "TinyTransformer": (TinyTransformer, TinyTransformerConfig),
            "WordEncoder": (WordEncoder, WordEncoderConfig), "OneHotEncoder": (OneHotEncoder, OneHotConfig)}
 EPS_T_MAX = 0.99  # alpha = 0.016, SNR 2.5e-4 on the cosine schedule (DDPM's linear one ends at 4e-5)
-OPTIONS = ("prediction", "schedule", "zero_terminal_snr", "sampler", "t_max")  # sampling config in model_index.json
+MODEL_OPTIONS = ("prediction", "schedule", "zero_terminal_snr", "sigma_data")  # what the transformer learned
+SAMPLING_OPTIONS = ("sampler", "t_max", "sigma_min", "sigma_max", "rho", "S_churn", "S_tmin", "S_tmax",
+                    "S_noise")  # how to sample it: recorded, and overridable per call (`generate_latents`)
+OPTIONS = MODEL_OPTIONS + SAMPLING_OPTIONS  # the sampling config in model_index.json
 PRETRAINED = ("MiniLMEncoder", "CLIPEncoder")  # saved as a name and a weights hash, not weights
 
 
@@ -78,9 +85,48 @@ def latent_shape(transformer) -> tuple[int, int, int]:
 
 def start_level(prediction: str, schedule: Schedule) -> float:
     """Where sampling starts: t = 1, except where a `prediction` says nothing about x0 there (eps on a
-    schedule that ends at SNR 0), which starts at EPS_T_MAX instead."""
+    schedule that ends at SNR 0), which starts at EPS_T_MAX instead. An EDM model starts at the sigma
+    grid's sigma_max whatever the schedule: t_max = 1."""
+    if prediction == "edm":
+        return 1.0
     return 1.0 if well_defined(prediction, *schedule.alpha_sigma(torch.ones(1, dtype=torch.float64))) \
         else EPS_T_MAX
+
+
+def check_options(options: dict, schedule: Schedule):
+    """Clear errors for pipeline `options` (OPTIONS -> value) that cannot sample on `schedule`: each
+    names what would."""
+    o = options
+    prediction, sampler = o["prediction"], o["sampler"]
+    if prediction not in (*PREDICTIONS, "edm"):
+        raise ValueError(f"Unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}, edm.")
+    if sampler not in (*SAMPLERS, *SIGMA_SAMPLERS):
+        raise ValueError(f"Unknown sampler {sampler!r}; choose from {', '.join([*SAMPLERS, *SIGMA_SAMPLERS])}.")
+    if sampler not in samplers_for(schedule):
+        raise ValueError(f"The {sampler} sampler does not step the {o['schedule']} schedule; on it choose "
+                         f"from {', '.join(samplers_for(schedule))}.")
+    if not 0 < o["t_max"] <= 1:
+        raise ValueError(f"t_max, the noise level sampling starts from, must be in (0, 1], got {o['t_max']}.")
+    if prediction == "edm":
+        if o["t_max"] != 1:
+            raise ValueError(f"An EDM model starts at the sigma grid's sigma_max, not at a level t: leave "
+                             f"t_max at 1 (got {o['t_max']}) and set sigma_max.")
+        if o["sigma_data"] is None or not 0 < o["sigma_data"] < math.inf:
+            raise ValueError(f"An EDM pipeline needs the sigma_data its model was trained with (the run's "
+                             f"objective.sigma_data), positive and finite; got {o['sigma_data']}.")
+    elif o["sigma_data"] is not None:
+        raise ValueError(f"sigma_data is the EDM preconditioning's (prediction='edm'); a {prediction} model "
+                         f"has none, got sigma_data={o['sigma_data']}.")
+    karras_sigmas(1, o["sigma_min"], o["sigma_max"], o["rho"])  # its errors for a grid it cannot make
+    check_churn(o["S_churn"], o["S_tmin"], _upper(o["S_tmax"]), o["S_noise"])
+    if o["S_churn"] > 0 and sampler not in SIGMA_SAMPLERS:
+        raise ValueError(f"S_churn > 0 adds noise in EDM's samplers (Karras et al., 2022, Algorithm 2), not "
+                         f"in {sampler}: sample with {' or '.join(SIGMA_SAMPLERS)}, or set S_churn=0.")
+
+
+def _upper(S_tmax: float | None) -> float:
+    """S_tmax as the samplers take it: None (JSON has no inf) is no upper bound."""
+    return math.inf if S_tmax is None else S_tmax
 
 
 # ----------------------------------------------------------------------------- component folders
@@ -200,12 +246,34 @@ class TextToImagePipeline(DiffusionPipeline):
     text_encoder  a tutorial_lib TextEncoder (the one it was trained with)
     vae           our AutoencoderKL (or a diffusers one, converted, in its dtype); default: the shipped
                   VAE, in the transformer's dtype
-    sampler       one of diffusion.samplers.SAMPLERS that steps `schedule` (`samplers_for`)
+    prediction    x0, eps, v, flow (on `schedule`), or edm: the transformer is F of edm.EDMPrecond,
+                  applied here with the `sigma_data` it was trained with
+    sampler       one of diffusion.samplers.SAMPLERS or SIGMA_SAMPLERS that steps `schedule`
+                  (`samplers_for`): every pair of model and sampler samples, through the edm.py
+                  adapters where their coordinates differ (an EDM model in t: `edm.time_denoiser`;
+                  a VP or flow model in sigma: `edm.sigma_denoiser`)
     t_max         the noise level sampling starts from; below 1 for eps on a schedule ending at SNR 0
+    sigma_min, sigma_max, rho
+                  the Karras grid (`edm.karras_sigmas`; the paper's 0.002, 80, 7) of the EDM samplers,
+                  and of the t-space ones on an EDM model (its t grid, `edm.t_of_sigma`). Wherever
+                  the model or the sampler steps in t, sigma_max is capped at the schedule's
+                  sigma(t_max) = sigma_t / alpha_t (inf at SNR 0: no cap; 14.6 at the end of Stable
+                  Diffusion's betas): sampling never starts above where the schedule reaches.
+    S_churn, S_tmin, S_tmax, S_noise
+                  the EDM samplers' churn (Karras et al., 2022, Algorithm 2; 0: deterministic,
+                  Algorithm 1); S_tmax None: no upper bound
+
+    `num_inference_steps` N counts steps, the intervals of a grid of N + 1 levels, for every sampler,
+    not network evaluations: heun and edm_heun evaluate twice a step except onto the data, 2N - 1
+    times (heun's first step from SNR 0 is Euler's: 2N - 2), the others N times; with guidance each
+    evaluation is one batch of 2B. The initial noise is the seed's standard normal draw for every
+    sampler: the sigma samplers scale it to sigma_max themselves (and on an EDM model the t-space
+    ones start from alpha_t sigma_max times it), so one seed serves every sampler.
 
     Precision (`to(dtype)`, `from_pretrained(..., torch_dtype=)`): each network runs in its own dtype,
     while the sampler's state x_t, classifier-free guidance and the sampler's arithmetic stay in
-    float32 (its coefficients in float64): x_t is cast to the transformer's dtype for each call and
+    float32 (its coefficients in float64; the EDM samplers keep their state, and EDMPrecond its
+    coefficients, in float64): x_t is cast to the transformer's dtype for each call and
     its output back to float32, and the final latents to the VAE's dtype to decode. In half
     precision a step's small update x_s - x_t would be rounded to 8 (bf16) or 11 (fp16) bits of
     x_t, and those errors would add up over the steps; kept in float32, only the networks' own
@@ -215,18 +283,14 @@ class TextToImagePipeline(DiffusionPipeline):
     _optional_components = ["vae"]  # a component diffusers loads, though the default is the shipped VAE
 
     def __init__(self, transformer, text_encoder, vae=None, prediction: str = "x0", schedule: str = "cosine",
-                 zero_terminal_snr: bool = False, sampler: str = "ddim", t_max: float = 1.0):
+                 zero_terminal_snr: bool = False, sampler: str = "ddim", t_max: float = 1.0,
+                 sigma_data: float | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float | None = None,
+                 S_noise: float = 1.0):
         super().__init__()
-        if not 0 < t_max <= 1:
-            raise ValueError(f"t_max, the noise level sampling starts from, must be in (0, 1], got {t_max}.")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"Unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}.")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}.")
+        options = {k: v for k, v in locals().items() if k in OPTIONS}  # the arguments named in OPTIONS
         noise_schedule = get_schedule(schedule, zero_terminal_snr)
-        if sampler not in samplers_for(noise_schedule):
-            raise ValueError(f"The {sampler} sampler does not step the {schedule} schedule; on it choose "
-                             f"from {', '.join(samplers_for(noise_schedule))}.")
+        check_options(options, noise_schedule)
         if not isinstance(text_encoder, TextEncoder):
             raise TypeError(f"text_encoder must be a tutorial_lib TextEncoder, got {type(text_encoder).__name__}.")
         if vae is None:
@@ -240,8 +304,7 @@ class TextToImagePipeline(DiffusionPipeline):
             raise ValueError(f"The transformer denoises {latent_shape(transformer)[0]}-channel latents, the "
                              f"VAE makes {vae.config.latent_channels}.")
         self.register_modules(transformer=transformer, text_encoder=text_encoder, vae=vae)
-        self.register_to_config(prediction=prediction, schedule=schedule,
-                                zero_terminal_snr=zero_terminal_snr, sampler=sampler, t_max=t_max)
+        self.register_to_config(**options)
         self.noise_schedule = noise_schedule
 
     @property
@@ -263,31 +326,58 @@ class TextToImagePipeline(DiffusionPipeline):
         return self
 
     def denoiser(self, guidance_scale: float):
-        """D(x_t, t, (cond, null)) -> guided x0_hat: what the samplers integrate. The transformer sees
-        x_t and the caption tokens in its dtype; guidance and conversion run in x_t's."""
+        """The guided x0_hat in the model's own coordinate: D(x_t, t [B], (cond, null)) for a VP or
+        flow model, D(x, sigma [B], (cond, null)) for an EDM one (EDMPrecond with the recorded
+        sigma_data; guiding D is guiding F, D being c_skip x + c_out F). `generate_latents` adapts it
+        to a sampler in the other coordinate. The transformer sees x and the caption tokens in its
+        dtype; guidance, conversion and preconditioning run in x's."""
         dtype = self.dtype
 
         def network(x: torch.Tensor, t: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
             return self.transformer(x.to(dtype), t, TextEmbedding(text.tokens.to(dtype), text.mask)).to(x.dtype)
 
+        if self.config.prediction == "edm":
+            return cfg_denoiser(EDMPrecond(network, self.config.sigma_data), guidance_scale, _concat)
         guided = cfg_denoiser(network, guidance_scale, _concat)
         return x0_denoiser(guided, self.config.prediction, self.noise_schedule)
+
+    def _sigmas(self, num_inference_steps: int, o: dict) -> torch.Tensor:
+        """The Karras grid of options `o` (float64, num_inference_steps + 1 levels down to 0), sigma_max
+        capped at sigma(t_max) on the schedule wherever the model or the sampler steps in t (the
+        class docstring)."""
+        sigma_max = o["sigma_max"]
+        if self.config.prediction != "edm" or o["sampler"] in SAMPLERS:
+            sigma_max = min(sigma_max, sigma_of_t(self.noise_schedule, o["t_max"]).item())
+        return karras_sigmas(num_inference_steps, o["sigma_min"], sigma_max, o["rho"])
+
+    def _options(self, overrides: dict) -> dict:
+        """The pipeline's OPTIONS with per-call `overrides` of its SAMPLING_OPTIONS, checked."""
+        unknown = sorted(set(overrides) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(f"Unknown sampling options {unknown}; a call overrides {', '.join(SAMPLING_OPTIONS)} "
+                            f"({', '.join(MODEL_OPTIONS)} are the model's).")
+        options = {**{k: self.config[k] for k in OPTIONS}, **overrides}
+        check_options(options, self.noise_schedule)
+        return options
 
     @torch.no_grad()
     def generate_latents(self, prompt, num_inference_steps: int = 25, guidance_scale: float = 3.0,
                          seed: int | None = 0, generator: torch.Generator | None = None,
-                         callback=None, eta: float = 0.0) -> torch.Tensor:
+                         callback=None, eta: float = 0.0, **options) -> torch.Tensor:
         """Scaled latents [B, C, H, W], float32, for prompt(s); the same seed gives the same latents.
 
+        `num_inference_steps` counts steps, not network evaluations (the class docstring).
         `generator` may live on the CPU (as `seed`'s does) or on the pipeline's device: noise is
         drawn on the generator's device and moved, so a seed gives the same draws on any device.
         `eta` is DDIM's (Song et al., 2021, eq. 16; 0: deterministic, 1: ancestral), for the ddim
-        sampler only."""
+        sampler only. `options` override the pipeline's SAMPLING_OPTIONS for this call, e.g.
+        sampler="edm_heun", S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.003."""
         prompts = check_prompts(prompt)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps is an int >= 1, got {num_inference_steps!r}.")
-        if eta != 0 and self.config.sampler != "ddim":
-            raise ValueError(f"eta is the ddim sampler's; this pipeline samples with {self.config.sampler}.")
+        o = self._options(options)
+        if eta != 0 and o["sampler"] != "ddim":
+            raise ValueError(f"eta is the ddim sampler's; this pipeline samples with {o['sampler']}.")
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         for m in (self.transformer, self.text_encoder, self.vae):
@@ -296,18 +386,30 @@ class TextToImagePipeline(DiffusionPipeline):
         noise = torch.randn(shape, generator=generator, device=generator.device).to(self.device)  # float32
         cond = self.text_encoder.encode(prompts)
         null = self.text_encoder.null(len(prompts))  # exactly what training dropped to
-        sampler = SAMPLERS[self.config.sampler]
+        denoiser, edm, name = self.denoiser(guidance_scale), self.config.prediction == "edm", o["sampler"]
+        if name in SIGMA_SAMPLERS:  # x = sigma_max noise, stepped in sigma
+            if not edm:
+                denoiser = sigma_denoiser(denoiser, self.noise_schedule)
+            return SIGMA_SAMPLERS[name](denoiser, noise, self._sigmas(num_inference_steps, o),
+                                        (cond, null), callback, S_churn=o["S_churn"], S_tmin=o["S_tmin"],
+                                        S_tmax=_upper(o["S_tmax"]), S_noise=o["S_noise"], generator=generator)
         kwargs = {"schedule": self.noise_schedule}
-        if self.config.sampler in ("ddpm", "ddim"):
+        if name in ("ddpm", "ddim"):
             kwargs["generator"] = generator
-        if self.config.sampler == "ddim":
+        if name == "ddim":
             kwargs["eta"] = eta
-        ts = self.noise_schedule.grid(num_inference_steps, t_max=self.config.t_max)
+        if edm:  # the t grid of the sigma grid, from x_t = alpha_t x_sigma = alpha_t sigma_max noise
+            sigmas = self._sigmas(num_inference_steps, o)
+            ts = t_of_sigma(self.noise_schedule, sigmas)
+            noise = noise * (self.noise_schedule.alpha_sigma(ts[0])[0] * sigmas[0])
+            return SAMPLERS[name](time_denoiser(denoiser, self.noise_schedule), noise, ts, (cond, null), callback,
+                                  **kwargs)
+        ts = self.noise_schedule.grid(num_inference_steps, t_max=o["t_max"])
         if not well_defined(self.config.prediction, *self.noise_schedule.alpha_sigma(ts[:1])):
             raise ValueError(f"An {self.config.prediction} prediction says nothing about the image at "
-                             f"t_max = {self.config.t_max}, where the {self.config.schedule} schedule's SNR is 0; "
+                             f"t_max = {o['t_max']}, where the {self.config.schedule} schedule's SNR is 0; "
                              f"start below it (e.g. t_max=0.99) or train v or flow (notebook 04).")
-        return sampler(self.denoiser(guidance_scale), noise, ts, (cond, null), callback, **kwargs)
+        return SAMPLERS[name](denoiser, noise, ts, (cond, null), callback, **kwargs)
 
     @torch.no_grad()
     def generate(self, prompt, **kwargs) -> torch.Tensor:

@@ -276,17 +276,22 @@ def sample_log_normal_sigmas(n: int, generator: torch.Generator | None = None, *
 
 
 def edm_loss(precond: EDMPrecond, x0: torch.Tensor, cond=None, generator: torch.Generator | None = None, *,
-             P_mean: float = -1.2, P_std: float = 1.2, sigma: torch.Tensor | None = None) -> torch.Tensor:
+             P_mean: float = -1.2, P_std: float = 1.2, sigma: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None, input_noise: torch.Tensor | None = None) -> torch.Tensor:
     """The EDM training loss for data x0 [B, ...] (Karras et al., 2022, Sec. 5), in its two forms:
         E[lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2] = E[|F(c_in x, c_noise) - F_target|^2],
     with ln sigma ~ N(P_mean, P_std^2) (or the given `sigma` [B]) and n ~ N(0, I) drawn from
-    `generator`. lambda c_out^2 = 1, so it is computed in F's space, unweighted, against the stable
-    `edm_target`: no division by c_out -> 0. An untrained F = 0 scores 1 (F_target's variance)."""
+    `generator` (or the given `noise`, e.g. with `losses.offset_noise`). lambda c_out^2 = 1, so it is
+    computed in F's space, unweighted, against the stable `edm_target`: no division by c_out -> 0.
+    An untrained F = 0 scores 1 (F_target's variance). `input_noise` forms the input
+    x = x0 + sigma input_noise in place of n while the target keeps n: input perturbation (Ning et
+    al., 2023; `losses.perturb_input`)."""
     if sigma is None:
         sigma = sample_log_normal_sigmas(x0.shape[0], generator, P_mean=P_mean, P_std=P_std)
     sigma = sigma.to(x0.device)
-    noise = _randn(x0, generator)
+    noise = _randn(x0, generator) if noise is None else noise
+    input_noise = noise if input_noise is None else input_noise
     s = _per_item(sigma, x0)
-    out, _ = precond.network_output(x0 + s * noise, sigma, cond)
+    out, _ = precond.network_output(x0 + s * input_noise, sigma, cond)
     target = edm_target(x0, noise, s, precond.sigma_data)
     return weighted_mse(out.to(target.dtype), target)

@@ -204,24 +204,6 @@ SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler, "he
             "dpmpp_2m": sample_dpmpp_2m, "flow_euler": sample_flow_euler}
 
 
-def samplers_for(schedule: Schedule) -> tuple[str, ...]:
-    """The samplers that step `schedule`. Every update above except flow Euler's is written in the
-    schedule's own (alpha, sigma), VP or not (DDIM, DDPM's posterior, the probability-flow ODE in
-    z = x / alpha, lambda = log(alpha / sigma)), so they step any schedule, the flow path included;
-    flow Euler's u_hat = (x_t - x0_hat) / t is the velocity of the flow path alone. What the
-    network predicts does not matter: `parametrizations.x0_denoiser` turns x0, eps, v or flow into
-    x0_hat on any schedule (only where an eps prediction starts at SNR 0 must sampling start below
-    t = 1, see `pipeline.start_level`)."""
-    return tuple(name for name in SAMPLERS if name != "flow_euler" or schedule.name == "flow")
-
-
-def default_sampler(schedule: Schedule) -> str:
-    """What a model trained on `schedule` samples with unless told otherwise: flow Euler on the flow
-    path (rectified flow's own sampler), DDIM on every other schedule, whatever the prediction (a
-    flow-predicting model on the cosine schedule samples with DDIM; see `samplers_for`)."""
-    return "flow_euler" if schedule.name == "flow" else "ddim"
-
-
 # ----------------------------------------------------------------------------- sigma space
 def _check_sigmas(sigmas: torch.Tensor):
     if sigmas.ndim != 1 or len(sigmas) < 2:
@@ -237,7 +219,8 @@ def _check_sigmas(sigmas: torch.Tensor):
         raise ValueError(f"Noise levels sigma must be >= 0, got {sigmas[-1].item()}.")
 
 
-def _check_churn(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float):
+def check_churn(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float):
+    """Clear errors for churn settings (Karras et al., 2022, Algorithm 2) that `_integrate_sigmas` cannot use."""
     if not S_churn >= 0:
         raise ValueError(f"S_churn must be >= 0 (0: no churn, Algorithm 1), got {S_churn}.")
     if not S_noise > 0:
@@ -263,7 +246,7 @@ def _integrate_sigmas(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, cond,
     eps ~ N(0, S_noise^2 I) (drawn like `noise`, from `generator`, only where gamma > 0), then steps
     from (x_hat, sigma_hat) with x0_hat = D(x_hat, sigma_hat); onto sigma = 0 the step is x0_hat."""
     _check_sigmas(sigmas)
-    _check_churn(S_churn, S_tmin, S_tmax, S_noise)
+    check_churn(S_churn, S_tmin, S_tmax, S_noise)
     sigmas = sigmas.detach().to("cpu", torch.float64)
     n = len(sigmas) - 1
     gamma_max = min(S_churn / n, math.sqrt(2) - 1)
@@ -317,3 +300,32 @@ def sample_edm_heun(denoiser, noise, sigmas, cond=None, callback=None, *, S_chur
 
 
 SIGMA_SAMPLERS = {"edm_euler": sample_edm_euler, "edm_heun": sample_edm_heun}
+
+
+# ----------------------------------------------------------------------------- which samplers step which model
+def samplers_for(schedule: Schedule) -> tuple[str, ...]:
+    """The samplers that step a model on `schedule`, whatever it predicts: the t-space ones that step
+    the schedule, then both sigma-space ones.
+
+    Every t-space update above except flow Euler's is written in the schedule's own (alpha, sigma),
+    VP or not (DDIM, DDPM's posterior, the probability-flow ODE in z = x / alpha, lambda =
+    log(alpha / sigma)), so they step any schedule, the flow path included; flow Euler's
+    u_hat = (x_t - x0_hat) / t is the velocity of the flow path alone. What the network predicts
+    does not matter: `parametrizations.x0_denoiser` turns x0, eps, v or flow into x0_hat on any
+    schedule (only where an eps prediction starts at SNR 0 must sampling start below t = 1, see
+    `pipeline.start_level`), and `edm.time_denoiser` runs an EDM model in t, on the t grid of a sigma
+    grid (which starts below SNR 0). The sigma-space samplers step any model in sigma = sigma_t /
+    alpha_t: a VP or flow one through `edm.sigma_denoiser`, on a sigma grid no higher than the
+    schedule reaches."""
+    return (*(name for name in SAMPLERS if name != "flow_euler" or schedule.name == "flow"), *SIGMA_SAMPLERS)
+
+
+def default_sampler(schedule: Schedule, prediction: str | None = None) -> str:
+    """What a model that predicts `prediction` on `schedule` samples with unless told otherwise: an
+    EDM model (prediction "edm") with EDM's Heun (Karras et al., 2022, Algorithm 1); any other with
+    flow Euler on the flow path (rectified flow's own sampler) and DDIM on every other schedule,
+    whatever it predicts (a flow-predicting model on the cosine schedule samples with DDIM; see
+    `samplers_for`)."""
+    if prediction == "edm":
+        return "edm_heun"
+    return "flow_euler" if schedule.name == "flow" else "ddim"

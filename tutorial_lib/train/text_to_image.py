@@ -8,6 +8,15 @@ One step, for a batch of latents x0 with class labels y (Ho & Salimans, 2022; Pe
     loss     =  w(t) |F(x_t, t, text(caption)) - target|^2,  target = a x0 + b eps of the prediction
                 (parametrizations.prediction_target), w = min-SNR-gamma or 1
 
+or, for prediction "edm" (Karras et al., 2022; diffusion/edm.py), in sigma instead of t:
+
+    sigma    <- ln sigma ~ N(P_mean, P_std^2);   n <- N(0, I) (+ offset noise)
+    x        =  x0 + sigma (n + input perturbation)
+    loss     =  |F(c_in x, c_noise, text(caption)) - F_target|^2    (edm.edm_loss: lambda(sigma) |D - x0|^2)
+
+where D = c_skip x + c_out F is edm.EDMPrecond around the same caption-conditioned DiT, with the
+latents' sigma_data (measured when training starts, then recorded in the config).
+
 Captions are rows of a fixed table (every training caption, then ""), so "" is exactly the null
 condition the pipeline samples with. A frozen text encoder (MiniLM, CLIP) is run once over the
 table (`text.cache.caption_embeddings`) and never again; a learned one (the word encoder, a learned
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +36,7 @@ from torch import nn
 
 from ..data.captions import all_training_captions
 from ..data.fashion_mnist import CLASSES
+from ..diffusion.edm import EDMPrecond, edm_loss, measure_sigma_data
 from ..diffusion.losses import (TIMESTEP_DISTRIBUTIONS, min_snr_weight, offset_noise, perturb_input,
                                 sample_timesteps, weighted_mse)
 from ..diffusion.parametrizations import PREDICTIONS, prediction_target
@@ -37,6 +48,11 @@ from ..weights import atomic_write
 from .trainer import Trainer, TrainerConfig
 
 
+_T_ONLY = ("schedule", "zero_terminal_snr", "t_distribution", "t_beta", "t_logit_normal", "t_shift",
+           "min_snr_gamma")  # the Objective's fields that describe t and its weights
+_EDM_ONLY = ("P_mean", "P_std", "sigma_data")
+
+
 @dataclass
 class Objective:
     """What the network learns: its prediction target on a noise schedule, and how t is drawn.
@@ -45,9 +61,18 @@ class Objective:
     schedule (diffusion/parametrizations.py; an eps model starts below SNR 0, `pipeline.start_level`),
     and `samplers.default_sampler(schedule)` steps it: flow Euler on the flow path, DDIM elsewhere
     (a flow-predicting model on the cosine schedule samples with DDIM: flow Euler integrates the
-    flow path alone)."""
+    flow path alone).
 
-    prediction: str = "v"  # "x0" | "eps" | "v" | "flow" (diffusion/parametrizations.py)
+    prediction "edm" is Karras et al.'s (2022) objective (module docstring): the DiT is F inside
+    `edm.EDMPrecond`, trained at ln sigma ~ N(P_mean, P_std^2) on data of std `sigma_data` (None:
+    measured from the training latents when training starts, `train_text_to_image`, and recorded
+    there; never assumed 0.5). It has no t: schedule, zero_terminal_snr, the t_* fields and
+    min_snr_gamma (EDM's lambda(sigma) is its weight) must keep their defaults, as P_mean, P_std and
+    sigma_data must for the other predictions. offset_noise and input_perturbation apply to its n as
+    to eps. The pipeline samples it with EDM's Heun on the Karras grid; its schedule (cosine) is
+    only the t coordinate in which the t-space samplers can step it."""
+
+    prediction: str = "v"  # "x0" | "eps" | "v" | "flow" (diffusion/parametrizations.py) | "edm" (diffusion/edm.py)
     schedule: str = "cosine"  # "cosine" | "linear" | "scaled_linear" | "flow" (diffusion/schedules.py)
     zero_terminal_snr: bool = False
     cond_drop: float = 0.1  # probability of training on the null caption "" (classifier-free guidance)
@@ -58,11 +83,30 @@ class Objective:
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
     input_perturbation: float = 0.0
+    P_mean: float = -1.2  # edm: ln sigma ~ N(P_mean, P_std^2) (Karras et al., 2022, Sec. 5)
+    P_std: float = 1.2
+    sigma_data: float | None = None  # edm: the latents' std; None: measured when training starts
 
     def __post_init__(self):
         self.t_beta, self.t_logit_normal = tuple(self.t_beta), tuple(self.t_logit_normal)
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"Unknown prediction {self.prediction!r}; choose from {', '.join(PREDICTIONS)}.")
+        if self.prediction not in (*PREDICTIONS, "edm"):
+            raise ValueError(f"Unknown prediction {self.prediction!r}; choose from {', '.join(PREDICTIONS)}, edm.")
+        edm = self.prediction == "edm"
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if f.name in (_T_ONLY if edm else _EDM_ONLY) and getattr(self, f.name) != f.default]
+        if changed and edm:
+            raise ValueError(f"prediction='edm' draws ln sigma ~ N(P_mean, P_std^2) and weights by EDM's "
+                             f"lambda(sigma), with no t: {', '.join(changed)} do not apply; leave them at their "
+                             f"defaults (offset_noise and input_perturbation do apply).")
+        if changed:
+            raise ValueError(f"{', '.join(changed)} are the EDM objective's (prediction='edm'); a "
+                             f"{self.prediction} model draws t from t_distribution.")
+        if edm and not (math.isfinite(self.P_mean) and 0 <= self.P_std < math.inf):
+            raise ValueError(f"Need a finite P_mean and 0 <= P_std < inf, got P_mean={self.P_mean}, "
+                             f"P_std={self.P_std}.")
+        if self.sigma_data is not None and not 0 < self.sigma_data < math.inf:
+            raise ValueError(f"sigma_data, the latents' std, must be positive and finite, got {self.sigma_data}; "
+                             f"leave it None to measure it from the training latents.")
         if self.t_distribution not in TIMESTEP_DISTRIBUTIONS:
             raise ValueError(f"Unknown t_distribution {self.t_distribution!r}; choose from "
                              f"{', '.join(TIMESTEP_DISTRIBUTIONS)}.")
@@ -153,7 +197,10 @@ def class_caption_rows(model: CaptionConditionedDiT) -> torch.Tensor:
 
 def diffusion_loss(model, x0: torch.Tensor, rows: torch.Tensor, objective: Objective,
                    generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """The module docstring's loss for latents x0 [B, C, H, W] and caption rows [B] (already dropped)."""
+    """The module docstring's loss for latents x0 [B, C, H, W] and caption rows [B] (already dropped);
+    for prediction "edm", `edm_diffusion_loss`."""
+    if objective.prediction == "edm":
+        return edm_diffusion_loss(model, x0, rows, objective, generator)
     b = x0.shape[0]
     schedule = objective.noise_schedule()
     t = sample_timesteps(b, objective.t_distribution, generator, beta=objective.t_beta,
@@ -166,6 +213,22 @@ def diffusion_loss(model, x0: torch.Tensor, rows: torch.Tensor, objective: Objec
     weight = None if objective.min_snr_gamma is None else \
         min_snr_weight(alpha, sigma, objective.prediction, objective.min_snr_gamma)
     return weighted_mse(model(x_t, t, rows).float(), target, weight), {}
+
+
+def edm_diffusion_loss(model, x0: torch.Tensor, rows: torch.Tensor, objective: Objective,
+                       generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """EDM's loss (`edm.edm_loss`) for latents x0 [B, C, H, W] and caption rows [B] (already dropped):
+    n ~ N(0, I) (+ offset noise), then ln sigma ~ N(P_mean, P_std^2), with `model` (what the Trainer
+    passes: the CaptionConditionedDiT, DDP-wrapped or compiled) as F inside EDMPrecond. Wrapped here,
+    not in `build`, the trained module and its checkpoints stay the DiT's, as for every prediction."""
+    if objective.sigma_data is None:
+        raise ValueError("The EDM loss needs the latents' sigma_data: train_text_to_image measures it "
+                         "when training starts; else set Objective(sigma_data=edm.measure_sigma_data(latents)).")
+    eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
+    inputs = perturb_input(eps, objective.input_perturbation, generator)
+    loss = edm_loss(EDMPrecond(model, objective.sigma_data), x0, rows, generator, P_mean=objective.P_mean,
+                    P_std=objective.P_std, noise=eps.to(x0.device), input_noise=inputs.to(x0.device))
+    return loss, {}
 
 
 def make_loss_fn(rows_per_class: torch.Tensor, null_row: int, objective: Objective):
@@ -201,7 +264,12 @@ def train_text_to_image(cfg: TextToImageConfig, latents: torch.Tensor, labels: t
                         sample_fn=None) -> Trainer:
     """Train (or, with resume, continue from out_dir's newest good checkpoint, if it has one: a job
     that is restarted after a crash can always pass resume=True); returns the Trainer, whose
-    `ema_model.transformer` (and `.text_encoder`, if learned) the pipeline samples with."""
+    `ema_model.transformer` (and `.text_encoder`, if learned) the pipeline samples with. An EDM
+    objective without sigma_data gets it measured from `latents` here, into `cfg` (and so into
+    config.json and the pipeline the CLI writes); on resume it is measured again, to the same bits."""
+    if cfg.objective.prediction == "edm" and cfg.objective.sigma_data is None:
+        cfg.objective = dataclasses.replace(cfg.objective, sigma_data=measure_sigma_data(latents))
+        print(f"sigma_data = {cfg.objective.sigma_data:.4f}, measured from {len(latents)} training latents")
     model = build(cfg, encoder)
     loss_fn = make_loss_fn(class_caption_rows(model), model.null_row, cfg.objective)
     trainer = Trainer(model, loss_fn, (latents, labels), cfg.trainer, sample_fn)
