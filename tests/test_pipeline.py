@@ -763,11 +763,56 @@ def test_shipped_model_draws_the_class_asked_for(shipped_vae, shipped_classifier
     assert class_accuracy(shipped_classifier, images, labels) >= 0.8
 
 
-def test_denoising_strip(pipe):
-    from tutorial_lib.viz import denoising_strip, grid
+def _strip(pipe, monkeypatch, **kwargs):
+    """denoising_strip's (images, levels) and the latents it decoded [2 * columns, C, H, W]."""
+    from tutorial_lib.viz import denoising_strip
 
-    images, ts = denoising_strip(pipe, "a bag", num_inference_steps=6, columns=4)
-    assert images.shape == (8, 1, 32, 32) and len(ts) == 4
+    decoded, decode = [], pipe.vae.decode_latents
+    monkeypatch.setattr(pipe.vae, "decode_latents", lambda z: decoded.append(z) or decode(z))
+    images, levels = denoising_strip(pipe, "a bag", **kwargs)
+    return images, levels, decoded[0]
+
+
+def test_denoising_strip(pipe, monkeypatch):
+    from tutorial_lib.viz import grid, level_name
+
+    images, ts, latents = _strip(pipe, monkeypatch, num_inference_steps=6, columns=4)
+    assert images.shape == (8, 1, 32, 32) and len(ts) == 4 and level_name(pipe) == "t"
     assert ts[0] == 1.0 and ts == sorted(ts, reverse=True) and min(ts) > 0
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents[:1], noise)  # x_t at t = 1 on the cosine schedule
     g = grid(images, nrow=4)
     assert g.shape == (2 * 34 + 2, 4 * 34 + 2) and 0 <= g.min() and g.max() <= 1
+
+
+@pytest.mark.parametrize("sampler", SIGMA_SAMPLERS)
+def test_a_sigma_sampler_strip_is_on_the_data_scale(pipe, monkeypatch, sampler):
+    """A sigma sampler's x = x0 + sigma n (std 80 at the start) is shown as x / sqrt(1 + sigma^2), of
+    unit scale, and its levels are sigmas, labelled so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tutorial_lib.viz import level_name, show_denoising_strip
+
+    images, sigmas, latents = _strip(pipe, monkeypatch, num_inference_steps=6, columns=4, sampler=sampler)
+    assert images.shape == (8, 1, 32, 32) and level_name(pipe, sampler) == "sigma"
+    assert sigmas == pytest.approx(karras_sigmas(6)[[0, 2, 3, 5]].tolist())  # columns of steps 0, 2, 3, 5
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents[:1], noise * 80 / math.sqrt(1 + 80**2))
+    assert 0.8 < latents[0].std() < 1.2  # not 80
+    fig = show_denoising_strip(pipe, "a bag", num_inference_steps=6, columns=4, sampler=sampler)
+    assert "sigma" in fig.axes[0].get_title() and "80" in fig.axes[0].get_title()
+    assert "sigma" in fig.axes[0].get_yticklabels()[0].get_text()
+    plt.close(fig)
+
+
+def test_a_strip_shows_the_same_latents_in_sigma_and_in_t(dit_parts, shipped_vae, monkeypatch):
+    """On an EDM model, DDIM in t and EDM's Euler in sigma take the same path (see above): their
+    strips show the same pictures, at levels t = t_of_sigma(sigma)."""
+    pipe = _edm_pipe(dit_parts, shipped_vae)
+    _, ts, in_t = _strip(pipe, monkeypatch, num_inference_steps=STEPS, columns=STEPS, sampler="ddim")
+    _, sigmas, in_sigma = _strip(pipe, monkeypatch, num_inference_steps=STEPS, columns=STEPS, sampler="edm_euler")
+    assert ts == pytest.approx(t_of_sigma(pipe.noise_schedule, torch.tensor(sigmas)).tolist())
+    torch.testing.assert_close(in_t, in_sigma, rtol=0, atol=1e-4)

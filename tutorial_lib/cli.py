@@ -89,7 +89,8 @@ def _load_pipe(a):
     return TextToImagePipeline.from_pretrained(a.model).to(a.device)
 
 
-def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: float, seed: int):
+def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: float, seed: int,
+                 sampling: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +100,8 @@ def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: f
     from .viz import show_grid
 
     prompts = [p for p in CLASS_PROMPTS for _ in range(per_class)]
-    images = pipe.generate(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed)
+    images = pipe.generate(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                           **sampling)
     path.parent.mkdir(parents=True, exist_ok=True)
     plt.close(show_grid(images, per_class, row_labels=list(CLASS_PROMPTS), path=path))
     return path
@@ -111,7 +113,7 @@ def _evaluate(pipe, a) -> dict:
     results = {}
     for kind in a.prompts.split(","):
         r, _ = evaluate_pipeline(pipe, kind, per_prompt=a.per_prompt, num_inference_steps=a.inference_steps,
-                                 guidance_scale=a.guidance_scale, seed=a.seed)
+                                 guidance_scale=a.guidance_scale, seed=a.seed, **_sampling(a))
         results[kind] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
     return results
 
@@ -187,7 +189,8 @@ def _cmd_train(a):
 
 
 def _cmd_sample(a):
-    path = _sample_grid(_load_pipe(a), a.out, a.per_class, a.inference_steps, a.guidance_scale, a.seed)
+    path = _sample_grid(_load_pipe(a), a.out, a.per_class, a.inference_steps, a.guidance_scale, a.seed,
+                        _sampling(a))
     print(f"sample grid: {path}")
 
 
@@ -206,7 +209,8 @@ def _cmd_demo(a):
     a_out, a.out = a.out, a.out / "model"
     pipe = _train(a)
     a.out = a_out
-    grid = _sample_grid(pipe, a.out / "samples.png", 8, a.inference_steps, a.guidance_scale, a.seed)
+    grid = _sample_grid(pipe, a.out / "samples.png", 8, a.inference_steps, a.guidance_scale, a.seed,
+                        _sampling(a))
     metrics = _evaluate(pipe, a)
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
@@ -229,9 +233,34 @@ def _add_train(p, steps):
     p.add_argument("--lr", type=float, default=2e-3)
 
 
+# Sampling flags (destinations named as `generate` takes them) that override the pipeline's recorded
+# SAMPLING_OPTIONS, and generate's eta; a flag left at None is not passed.
+SAMPLING_FLAGS = ("sampler", "eta", "sigma_min", "sigma_max", "rho", "S_churn", "S_tmin", "S_tmax", "S_noise")
+
+
+def _sampling(a) -> dict:
+    """The sampling overrides given on the command line, as keyword arguments of `generate`."""
+    return {k: getattr(a, k) for k in SAMPLING_FLAGS if getattr(a, k) is not None}
+
+
 def _add_sampling(p):
+    from .diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS
+
     p.add_argument("--inference-steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    g = p.add_argument_group("sampler", "overrides of the pipeline's recorded sampling options (default: the "
+                             "recorded value); the pipeline refuses a sampler that cannot step its model")
+    g.add_argument("--sampler", choices=(*SAMPLERS, *SIGMA_SAMPLERS))
+    g.add_argument("--eta", type=float, help="DDIM's eta, ddim only (default 0: deterministic; 1: ancestral)")
+    g.add_argument("--sigma-min", type=float, help="the Karras grid's lowest sigma (EDM: 0.002)")
+    g.add_argument("--sigma-max", type=float, help="the Karras grid's highest sigma (EDM: 80; capped at "
+                   "the schedule's sigma(t_max) where the model or the sampler steps in t)")
+    g.add_argument("--rho", type=float, help="the Karras grid's spacing (EDM: 7)")
+    g.add_argument("--s-churn", dest="S_churn", type=float,
+                   help="edm_euler, edm_heun: churn (Karras et al., 2022, Algorithm 2; 0: none)")
+    g.add_argument("--s-tmin", dest="S_tmin", type=float, help="churn only where sigma >= S_tmin")
+    g.add_argument("--s-tmax", dest="S_tmax", type=float, help="churn only where sigma <= S_tmax (inf: no bound)")
+    g.add_argument("--s-noise", dest="S_noise", type=float, help="the churn noise's std (EDM: 1.003 on ImageNet-64)")
 
 
 def _add_eval(p, per_prompt):

@@ -125,9 +125,10 @@ def evaluate_images(images: torch.Tensor, labels, classifier: FashionClassifier 
 @torch.no_grad()
 def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_inference_steps: int = 25,
                       guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 250,
-                      classifier: FashionClassifier | None = None) -> tuple[dict, torch.Tensor]:
+                      classifier: FashionClassifier | None = None, **sampling) -> tuple[dict, torch.Tensor]:
     """Sample `per_prompt` images for every prompt of a prompt set ('class' or 'held_out') and
-    measure them; returns the metrics and the images (seeded: the same call gives the same dict)."""
+    measure them; returns the metrics and the images (seeded: the same call gives the same dict).
+    `sampling` (e.g. sampler="edm_heun", S_churn=10, eta) goes to `pipe.generate` and into the dict."""
     from ..data.captions import prompt_set
 
     texts, labels = prompt_set(prompts)
@@ -136,8 +137,9 @@ def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_i
     gen = torch.Generator().manual_seed(seed)
     images = torch.cat([pipe.generate(all_prompts[i:i + batch_size], generator=gen,
                                       num_inference_steps=num_inference_steps,
-                                      guidance_scale=guidance_scale)
+                                      guidance_scale=guidance_scale, **sampling)
                         for i in range(0, len(all_prompts), batch_size)])
     result = evaluate_images(images, all_labels, classifier, seed)
-    result.update(prompts=prompts, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+    result.update(prompts=prompts, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                  **sampling)
     return result, images
