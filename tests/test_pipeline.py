@@ -430,6 +430,15 @@ def test_a_vp_model_samples_with_the_edm_samplers(dit_parts, shipped_vae):
                                rtol=0, atol=1e-4)
 
 
+def test_churn_above_a_vp_schedules_top_is_refused(dit_parts, shipped_vae):
+    """On scaled_linear (top sigma 14.6) churn would raise the first level past where the model trained."""
+    pipe = TextToImagePipeline(dit_parts[0], dit_parts[1], shipped_vae, prediction="v", schedule="scaled_linear",
+                               sampler="edm_heun")
+    with pytest.raises(ValueError, match=r"above the scaled_linear schedule's top sigma 14.6.*set S_tmax <="):
+        pipe.generate_latents(["a bag"], num_inference_steps=4, S_churn=1.0)
+    pipe.generate_latents(["a bag"], num_inference_steps=4, S_churn=1.0, S_tmax=10.0)  # below the top: fine
+
+
 def test_edm_pipeline_round_trips_through_both_loaders(dit_parts, shipped_vae, tmp_path):
     """model_index.json records sigma_data and the Karras grid and churn settings (S_tmax None: no
     bound, as JSON has no inf); our loader and diffusers' build pipelines that draw the same images,

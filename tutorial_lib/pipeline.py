@@ -350,6 +350,17 @@ class TextToImagePipeline(DiffusionPipeline):
             sigma_max = min(sigma_max, sigma_of_t(self.noise_schedule, o["t_max"]).item())
         return karras_sigmas(num_inference_steps, o["sigma_min"], sigma_max, o["rho"])
 
+    def _check_churn_reach(self, sigmas: torch.Tensor, o: dict):
+        """Churn raises a level sigma to (1 + gamma) sigma (`samplers.sample_edm_heun`); a VP model must
+        have been trained there, so that level may not pass the schedule's top (14.6 on scaled_linear)."""
+        top = sigma_of_t(self.noise_schedule, 1.0).item()
+        gamma = min(o["S_churn"] / (len(sigmas) - 1), math.sqrt(2) - 1)
+        churned = [s for s in sigmas.tolist() if o["S_tmin"] <= s <= _upper(o["S_tmax"])]
+        if gamma > 0 and churned and max(churned) * (1 + gamma) > top:
+            raise ValueError(f"With S_churn={o['S_churn']}, churn would raise sigma = {max(churned):.4g} to "
+                             f"{max(churned) * (1 + gamma):.4g}, above the {self.config.schedule} schedule's top "
+                             f"sigma {top:.4g}: set S_tmax <= {top / (1 + gamma):.4g} or lower sigma_max.")
+
     def _options(self, overrides: dict) -> dict:
         """The pipeline's OPTIONS with per-call `overrides` of its SAMPLING_OPTIONS, checked."""
         unknown = sorted(set(overrides) - set(SAMPLING_OPTIONS))
@@ -388,9 +399,11 @@ class TextToImagePipeline(DiffusionPipeline):
         null = self.text_encoder.null(len(prompts))  # exactly what training dropped to
         denoiser, edm, name = self.denoiser(guidance_scale), self.config.prediction == "edm", o["sampler"]
         if name in SIGMA_SAMPLERS:  # x = sigma_max noise, stepped in sigma
+            sigmas = self._sigmas(num_inference_steps, o)
             if not edm:
+                self._check_churn_reach(sigmas, o)
                 denoiser = sigma_denoiser(denoiser, self.noise_schedule)
-            return SIGMA_SAMPLERS[name](denoiser, noise, self._sigmas(num_inference_steps, o),
+            return SIGMA_SAMPLERS[name](denoiser, noise, sigmas,
                                         (cond, null), callback, S_churn=o["S_churn"], S_tmin=o["S_tmin"],
                                         S_tmax=_upper(o["S_tmax"]), S_noise=o["S_noise"], generator=generator)
         kwargs = {"schedule": self.noise_schedule}
