@@ -597,33 +597,14 @@ def test_to_takes_what_diffusers_to_takes(tiny_denoiser, tiny_text_encoder):
             pipe.to(*args, **kwargs)
 
 
-def test_half_precision_networks_and_a_float32_state(tiny_denoiser, tiny_text_encoder, monkeypatch):
-    """In float16 the transformer sees x_t and the caption tokens in float16, while the sampler's
-    state, x0_hat, the latents and the images stay float32 (the class docstring's "Precision")."""
-    pipe = TextToImagePipeline(tiny_denoiser, tiny_text_encoder).to(torch.float16)
-    seen, states = [], []
-    forward = pipe.transformer.forward
-
-    def spy(x, t, text):
-        out = forward(x, t, text)
-        seen.append((x.dtype, text.tokens.dtype, out.dtype))
-        return out
-
-    monkeypatch.setattr(pipe.transformer, "forward", spy)
-    latents = pipe.generate_latents(["a bag", "a coat"], num_inference_steps=STEPS,
-                                    callback=lambda i, t, x, x0: states.append((x.dtype, x0.dtype)))
-    assert set(seen) == {(torch.float16,) * 3} and set(states) == {(torch.float32,) * 2}
-    assert latents.dtype == torch.float32
-    images = pipe.generate(["a bag", "a coat"], num_inference_steps=STEPS)
-    assert images.dtype == torch.float32 and torch.isfinite(images).all()
-
-
-@pytest.mark.parametrize("sampler", ["edm_heun", "ddim"])
-def test_half_precision_edm_network_and_a_float32_state(tiny_denoiser, tiny_text_encoder, monkeypatch, sampler):
-    """The same rule for an EDM model, in sigma or in t: the network sees c_in x, its noise level and
-    the tokens in float16; x, x0_hat and the latents stay float32 (EDM's samplers step in float64)."""
-    pipe = TextToImagePipeline(tiny_denoiser, tiny_text_encoder, prediction="edm", sigma_data=1.0,
-                               sampler=sampler).to(torch.float16)
+@pytest.mark.parametrize("options", [{}, {"prediction": "edm", "sigma_data": 1.0, "sampler": "edm_heun"},
+                                     {"prediction": "edm", "sigma_data": 1.0, "sampler": "ddim"}],
+                         ids=["x0-ddim", "edm-edm_heun", "edm-ddim"])
+def test_half_precision_networks_and_a_float32_state(tiny_denoiser, tiny_text_encoder, monkeypatch, options):
+    """In float16 the transformer sees its input (x_t, or EDM's c_in x), its noise level and the caption
+    tokens in float16, while the sampler's state, x0_hat, the latents and the images stay float32 (the
+    class docstring's "Precision"; EDM's samplers step in float64), in sigma or in t."""
+    pipe = TextToImagePipeline(tiny_denoiser, tiny_text_encoder, **options).to(torch.float16)
     seen, states = [], []
     forward = pipe.transformer.forward
 
@@ -637,6 +618,8 @@ def test_half_precision_edm_network_and_a_float32_state(tiny_denoiser, tiny_text
                                     callback=lambda i, t, x, x0: states.append((x.dtype, x0.dtype)))
     assert set(seen) == {(torch.float16,) * 3} and set(states) == {(torch.float32,) * 2}
     assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+    images = pipe.generate(["a bag", "a coat"], num_inference_steps=STEPS)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize("name", SHIPPED)
