@@ -19,7 +19,6 @@ from tutorial_lib.diffusion.edm import EDMPrecond, karras_sigmas, t_of_sigma
 from tutorial_lib.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, sample_ddim, samplers_for
 from tutorial_lib.diffusion.schedules import get_schedule
 from tutorial_lib.pipeline import OPTIONS, SAMPLING_OPTIONS, WEIGHTS, TextToImagePipeline, start_level
-from tutorial_lib.vae.autoencoder import load_vae
 from tutorial_lib.weights import WeightsError, asset, weights_hash
 
 STEPS = 4  # sampling steps for the random-weight pipeline: only plumbing is tested

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.test_trainer import (TINY_DIT, assert_same_state, config, diffusion_loss, latent_data, mlp, mse_loss,
-                                regression_data)
+from tests.test_trainer import (RESUME_RUN, TINY_DIT, assert_same_state, config, diffusion_loss,
+                                interrupt_at_step_7, latent_data, mlp, mse_loss, regression_data)
 from tutorial_lib.models.dit import DiT
 from tutorial_lib.train.ema import (GOLDEN, MAX_SIGMA_REL, PowerEMA, SnapshotError, fit_power_profiles,
                                     gamma_to_sigma_rel, load_snapshots, power_beta, power_profile,
@@ -271,25 +271,11 @@ def test_trainer_resume_is_bit_exact_with_posthoc_ema(tmp_path):
     3 steps: stopped at step 7 (last checkpoint: step 4, snapshots of steps 3 and 6 written) and resumed,
     the run ends with the same tracked EMAs, and the same snapshot files, none missing or doubled."""
     data = latent_data()
-    cfg = dict(steps=10, batch_size=8, grad_accum_steps=2, ema_decay=0.9, log_every=3, checkpoint_every=4,
-               posthoc_ema_sigma_rels=(0.05, 0.1), posthoc_snapshot_every=3)
-
+    cfg = dict(RESUME_RUN, posthoc_ema_sigma_rels=(0.05, 0.1), posthoc_snapshot_every=3)
     torch.manual_seed(0)
     straight = Trainer(DiT(TINY_DIT), diffusion_loss, data, config(tmp_path / "a", **cfg))
     straight.fit()
-
-    calls = 0
-
-    def crashing_loss(model, batch, generator):
-        nonlocal calls
-        calls += 1
-        if calls == 13:  # the first micro-batch of step 7
-            raise KeyboardInterrupt
-        return diffusion_loss(model, batch, generator)
-
-    torch.manual_seed(0)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(DiT(TINY_DIT), crashing_loss, data, config(tmp_path / "b", **cfg)).fit()
+    interrupt_at_step_7(tmp_path / "b", **cfg)
     snapshots = tmp_path / "b" / "posthoc_ema"
     assert sorted(p.name[:13] for p in snapshots.iterdir()) == ["step_00000003"] * 2 + ["step_00000006"] * 2
     (snapshots / ".step_00000007_sigma_rel_0.1.safetensors.x1y2.tmp").write_bytes(b"torn")  # a killed write

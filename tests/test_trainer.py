@@ -75,16 +75,13 @@ def assert_same_state(a: dict, b: dict):
 
 
 # ----------------------------------------------------------------------------- exact resume
-def test_resume_is_bit_exact(tmp_path):
-    """Stopped at step 7 (last checkpoint: step 4) and resumed from a freshly built model, a run
-    ends with the same model, EMA, optimizer state and loss history as an uninterrupted one."""
-    data = latent_data()
-    cfg = dict(steps=10, batch_size=8, grad_accum_steps=2, ema_decay=0.9, log_every=3, checkpoint_every=4)
+# 10 steps of 2 micro-batches, a checkpoint every 4: a run stopped in step 7 resumes from step 4.
+RESUME_RUN = dict(steps=10, batch_size=8, grad_accum_steps=2, ema_decay=0.9, log_every=3, checkpoint_every=4)
 
-    torch.manual_seed(0)
-    straight = Trainer(DiT(TINY_DIT), diffusion_loss, data, config(tmp_path / "a", **cfg))
-    history = straight.fit()
 
+def interrupt_at_step_7(out_dir, **cfg):
+    """The tiny DiT run of `cfg` (RESUME_RUN's steps and micro-batches) stopped as a crash would stop
+    it, by a KeyboardInterrupt in the first micro-batch of step 7."""
     calls = 0
 
     def crashing_loss(model, batch, generator):
@@ -96,7 +93,17 @@ def test_resume_is_bit_exact(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(DiT(TINY_DIT), crashing_loss, data, config(tmp_path / "b", **cfg)).fit()
+        Trainer(DiT(TINY_DIT), crashing_loss, latent_data(), config(out_dir, **cfg)).fit()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Stopped at step 7 (last checkpoint: step 4) and resumed from a freshly built model, a run
+    ends with the same model, EMA, optimizer state and loss history as an uninterrupted one."""
+    data, cfg = latent_data(), RESUME_RUN
+    torch.manual_seed(0)
+    straight = Trainer(DiT(TINY_DIT), diffusion_loss, data, config(tmp_path / "a", **cfg))
+    history = straight.fit()
+    interrupt_at_step_7(tmp_path / "b", **cfg)
     lines = (tmp_path / "b" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [3, 6]
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from .autoencoder import AutoencoderKL, VAEConfig
 
 # (ours, diffusers) regular expressions over state-dict keys, per component.
