@@ -16,7 +16,7 @@ from tutorial_lib.cli import build_parser, main
 
 from .conftest import REPO_ROOT
 
-COMMANDS = ("train-classifier", "train-vae", "encode-latents", "train", "sample", "evaluate", "demo")
+COMMANDS = ("train-classifier", "train-vae", "encode-latents", "train", "sample", "evaluate", "posthoc-ema", "demo")
 
 
 def test_module_help_works():

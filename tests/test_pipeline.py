@@ -550,7 +550,8 @@ def test_per_call_options_are_the_sampling_ones(dit_parts, shipped_vae):
 
 
 # ----------------------------------------------------------------------------- precision and devices
-SHIPPED = ["tiny_t2i", pytest.param("dit_t2i", marks=needs_minilm)]  # notebook 01's model and the DiT
+SHIPPED = ["tiny_t2i", pytest.param("dit_t2i", marks=needs_minilm),  # notebook 01's model, the DiT
+           pytest.param("edm_t2i", marks=needs_minilm)]  # and notebook 05's EDM DiT
 # Mean |image - float32 image| (images in [-1, 1]) of the shipped models, 4 class prompts, 10 steps.
 # Measured on the CPU over every sampler (`_with_sampler`) and 3 seeds: at most 0.0055 in bfloat16
 # and 0.00065 in float16 (the largest single pixel: 0.25 and 0.10). Tolerance about 4x and 8x, as a
@@ -807,3 +808,26 @@ def test_a_strip_shows_the_same_latents_in_sigma_and_in_t(dit_parts, shipped_vae
     _, sigmas, in_sigma = _strip(pipe, monkeypatch, num_inference_steps=STEPS, columns=STEPS, sampler="edm_euler")
     assert ts == pytest.approx(t_of_sigma(pipe.noise_schedule, torch.tensor(sigmas)).tolist())
     torch.testing.assert_close(in_t, in_sigma, rtol=0, atol=1e-4)
+
+
+@needs_minilm
+def test_the_shipped_edm_model_samples_its_classes_through_both_loaders():
+    """notebook 05's edm_t2i: an EDM model with the sigma_data its run measured and EDM Heun recorded;
+    diffusers' loader builds the same pipeline, and 18 Heun steps (35 NFE) draw the prompted class
+    (measured 100% on these 20 images; a model that ignored its prompt would score about 10%)."""
+    from diffusers import DiffusionPipeline
+
+    from tutorial_lib.eval.metrics import class_accuracy
+    from tutorial_lib.models.classifier import load_classifier
+
+    ours = TextToImagePipeline.from_pretrained(asset("edm_t2i"))
+    record = TextToImagePipeline.training_info(asset("edm_t2i"))
+    assert ours.config.prediction == "edm" and ours.config.sampler == "edm_heun"
+    assert ours.config.sigma_data == record["train_config"]["objective"]["sigma_data"]
+    assert "--prediction edm" in record["command"]
+    theirs = DiffusionPipeline.from_pretrained(asset("edm_t2i"), trust_remote_code=True)
+    prompts = [p for p in CLASS_PROMPTS for _ in range(2)]
+    images = ours.generate(prompts, num_inference_steps=18, seed=0)
+    assert torch.equal(theirs.generate(prompts, num_inference_steps=18, seed=0), images)
+    labels = [y for y in range(len(CLASS_PROMPTS)) for _ in range(2)]
+    assert class_accuracy(load_classifier(), images, labels) >= 0.8

@@ -309,3 +309,118 @@ def test_resume_refuses_another_posthoc_setting(tmp_path):
     # Turning it off is allowed: the tracked EMAs are then left in the checkpoint.
     plain = Trainer(mlp(), mse_loss, regression_data(), config(tmp_path / "on", steps=4))
     assert plain.load_checkpoint().name == "step_00000002"
+
+
+# ----------------------------------------------------------------------------- the posthoc-ema command
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+    """`train --model dit` on the CLI: a tiny DiT with a learned word encoder, 8 steps on random latents,
+    tracking sigma_rel 0.05 and 0.10 with snapshots at steps 4 and 8, which give sigma_rel 0.075 (residual 0.02)
+    but not 0.28 (0.55). The pipeline folder (snapshots in run/posthoc_ema)."""
+    import tutorial_lib.data.latents
+    from tests.test_text_to_image import config
+    from tutorial_lib.cli import main
+
+    tmp = tmp_path_factory.mktemp("dit_run")
+    out = tmp / "pipe"
+    data = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 10
+
+    class FakeCache:
+        def tensors(self, split="train"):
+            return data
+
+    cfg = config(out, "run", steps=8, lr=0.1, warmup_steps=1, posthoc_ema_sigma_rels=(0.05, 0.1),
+                 posthoc_snapshot_every=4)
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict()))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tutorial_lib.data.latents, "latent_cache", lambda: FakeCache())
+        main(["train", "--model", "dit", "--config", str(tmp / "config.json"), "--out", str(out), "--device", "cpu"])
+    return out
+
+
+def pipeline_state(pipe) -> dict:
+    """The pipeline's averaged weights keyed as the trained model's (and the snapshots')."""
+    return {**{f"transformer.{k}": v for k, v in pipe.transformer.state_dict().items()},
+            **{f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()}}
+
+
+def test_cli_saves_a_reconstructed_ema_as_a_pipeline(dit_run, tmp_path, capsys):
+    """posthoc-ema --out: the saved pipeline holds the reconstruction (transformer and learned text encoder),
+    not the stored fixed EMA, and its record keeps the training command beside this one."""
+    from tutorial_lib.cli import main
+    from tutorial_lib.pipeline import TextToImagePipeline
+
+    out = tmp_path / "posthoc"
+    main(["posthoc-ema", "--model", str(dit_run), "--sigma-rels", "0.1", "--out", str(out), "--device", "cpu"])
+    record = json.loads(capsys.readouterr().out.split("\n[posthoc-ema]")[0])
+    folder = dit_run / "run" / "posthoc_ema"
+    expected = reconstruct_ema(folder, 0.1)
+    assert (record["step"], record["tracked_sigma_rels"], record["snapshots"]) == (8, [0.05, 0.1], str(folder))
+    assert record["sigma_rels"]["0.1"] == {"gamma": expected.gamma, "residual": expected.residual}
+    assert "stored" not in record and record["saved"]["out"] == str(out)
+
+    saved, stored = TextToImagePipeline.from_pretrained(out), TextToImagePipeline.from_pretrained(dit_run)
+    assert_same_state(pipeline_state(saved), expected.state_dict)
+    assert not torch.equal(saved.transformer.x_embedder.weight, stored.transformer.x_embedder.weight)
+    assert {k: saved.config[k] for k in ("prediction", "schedule", "sampler")} == \
+        {k: stored.config[k] for k in ("prediction", "schedule", "sampler")}
+    info, source = TextToImagePipeline.training_info(out), TextToImagePipeline.training_info(dit_run)
+    assert {k: v for k, v in info.items() if k != "posthoc_ema"} == source  # the train command and config kept
+    assert info["posthoc_ema"] == {"sigma_rel": 0.1, "step": 8, "snapshots": str(folder),
+                                   "command": "python -m tutorial_lib posthoc-ema --model " + str(dit_run)
+                                   + f" --sigma-rels 0.1 --out {out} --device cpu"}
+
+
+def test_cli_evaluates_a_sweep_beside_the_stored_ema_and_saves_the_best(dit_run, tmp_path, capsys):
+    """--evaluate: metrics of the stored EMA and of each reconstruction, on the noise `evaluate` draws; with
+    --out, the pipeline of the lowest class-prompt FID, recorded as chosen by the sweep."""
+    from tutorial_lib.cli import main
+    from tutorial_lib.pipeline import TextToImagePipeline
+
+    few = ["--prompts", "class", "--per-prompt", "1", "--inference-steps", "2", "--device", "cpu"]
+    out, path = tmp_path / "best", tmp_path / "sweep.json"
+    main(["posthoc-ema", "--model", str(dit_run), "--sigma-rels", "0.05,0.075,0.1", "--evaluate", *few,
+          "--out", str(out), "--json", str(path)])
+    record = json.loads(path.read_text())
+    assert record == json.loads(capsys.readouterr().out.split("\n[posthoc-ema]")[0])
+    assert list(record["sigma_rels"]) == ["0.05", "0.075", "0.1"]
+    assert record["sampling"] == {"prompts": "class", "per_prompt": 1, "inference_steps": 2, "guidance_scale": 3.0,
+                                  "seed": 0}
+    metrics = {s: r["metrics"]["class"] for s, r in record["sigma_rels"].items()}
+    for m in (record["stored"]["class"], *metrics.values()):
+        assert m["n"] == 10 and {"class_accuracy", "fid", "fid_reals_baseline"} <= m.keys()
+    assert len({m["fid"] for m in (record["stored"]["class"], *metrics.values())}) == 4  # the choice means something
+    best = min(metrics, key=lambda s: metrics[s]["fid"])
+    assert record["saved"]["sigma_rel"] == float(best) and "lowest class-prompt FID" in record["saved"]["chosen_by"]
+    assert TextToImagePipeline.training_info(out)["posthoc_ema"] == {k: v for k, v in record["saved"].items()
+                                                                       if k != "out"}
+    assert_same_state(pipeline_state(TextToImagePipeline.from_pretrained(out)),
+                      reconstruct_ema(dit_run / "run" / "posthoc_ema", float(best)).state_dict)
+
+    # "stored" is the source pipeline as `evaluate` measures it, and the saved one measures as its sweep entry.
+    for model, expected in ((dit_run, record["stored"]), (out, {"class": metrics[best]})):
+        main(["evaluate", "--model", str(model), *few])
+        assert json.loads(capsys.readouterr().out.split("\n[evaluate]")[0]) == expected
+
+
+def test_cli_posthoc_ema_errors(dit_run, snapshot_run, tmp_path):
+    from tutorial_lib.cli import main
+    from tutorial_lib.weights import WeightsError
+
+    model, out = ["--model", str(dit_run), "--device", "cpu"], tmp_path / "out"
+    with pytest.raises(SnapshotError, match="No post-hoc EMA snapshots folder .*nowhere: train with "
+                       "`train --model dit --posthoc-ema 0.05,0.10 --posthoc-snapshot-every N`"):
+        main(["posthoc-ema", *model, "--sigma-rels", "0.1", "--snapshots", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match=r"--out saves one pipeline: give one --sigma-rels, or add --evaluate"):
+        main(["posthoc-ema", *model, "--sigma-rels", "0.05,0.1", "--out", str(out)])
+    with pytest.raises(ValueError, match=r"Cannot reconstruct sigma_rel 0.28 \(residual"):
+        main(["posthoc-ema", *model, "--sigma-rels", "0.1,0.28"])
+    with pytest.raises(ValueError, match="sigma_rel must be in"):
+        main(["posthoc-ema", *model, "--sigma-rels", "0.5"])
+    with pytest.raises(ValueError, match="is the source pipeline"):
+        main(["posthoc-ema", *model, "--sigma-rels", "0.1", "--out", str(dit_run)])
+    # Snapshots of another model (the MLP's) are refused by name, never loaded.
+    with pytest.raises(WeightsError, match=rf"The snapshots in {snapshot_run[0]} do not fit the pipeline in "
+                       rf"{dit_run} .*missing \['text_encoder\..*unexpected \['0\.bias'"):
+        main(["posthoc-ema", *model, "--sigma-rels", "0.1", "--snapshots", str(snapshot_run[0]), "--out", str(out)])
+    assert not out.exists()

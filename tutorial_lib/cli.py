@@ -7,6 +7,8 @@
                      transformer (--model tiny) or notebook 03's DiT (--model dit; torchrun: DDP)
   sample             write a sample grid, one row per class prompt
   evaluate           class accuracy and feature-space FID of a model's samples
+  posthoc-ema        EDM2 post-hoc EMA of a `train --model dit --posthoc-ema` run: reconstruct
+                     sigma_rels from its snapshots, optionally evaluate them, save one as a pipeline
   demo               train briefly, write a sample grid, evaluate (the README's first command)
 """
 
@@ -198,6 +200,92 @@ def _cmd_evaluate(a):
     print(json.dumps(_evaluate(_load_pipe(a), a), indent=1))
 
 
+# ----------------------------------------------------------------------------- post-hoc EMA
+def _averaged_parts(pipe) -> dict:
+    """The pipeline's modules that training averaged, by their name in the trained model (and in its
+    snapshots): the transformer, and the text encoder where it was learned."""
+    parts = {"transformer": pipe.transformer}
+    if not pipe.text_encoder.frozen:
+        parts["text_encoder"] = pipe.text_encoder
+    return parts
+
+
+def _check_fits(parts: dict, shapes: dict, snapshots: Path, model: Path):
+    """Refuse snapshots whose tensors (names and shapes) are not exactly those of the pipeline's `parts`."""
+    from .weights import WeightsError
+
+    ours = {f"{name}.{k}": list(v.shape) for name, m in parts.items() for k, v in m.state_dict().items()}
+    if shapes == ours:
+        return
+    wrong = [f"{k} {shapes[k]} vs {ours[k]}" for k in sorted(shapes.keys() & ours.keys()) if shapes[k] != ours[k]]
+    problems = [f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names in
+                (("missing", sorted(ours.keys() - shapes.keys())), ("unexpected", sorted(shapes.keys() - ours.keys())),
+                 ("shape (snapshot vs pipeline)", wrong)) if names]
+    raise WeightsError(f"The snapshots in {snapshots} do not fit the pipeline in {model} (another run or "
+                       f"config?): {'; '.join(problems)}.")
+
+
+def _load_parts(parts: dict, state: dict):
+    """Load a trained-model state ("transformer.*", "text_encoder.*") into the pipeline's parts, strictly."""
+    for name, module in parts.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+
+
+def _cmd_posthoc_ema(a):
+    """Reconstruct the post-hoc EMAs of --sigma-rels (train/ema.py) from a run's snapshots in one pass;
+    with --evaluate, measure each and the pipeline's stored EMA on the same noise; with --out, save one."""
+    from .pipeline import TextToImagePipeline
+    from .train.ema import SnapshotError, load_snapshots, reconstruct_emas
+    from .weights import atomic_write
+
+    sigma_rels = tuple(dict.fromkeys(a.sigma_rels))
+    sweep = len(sigma_rels) > 1
+    if a.out and sweep and not a.evaluate:
+        raise ValueError(f"--out saves one pipeline: give one --sigma-rels, or add --evaluate to save the one of "
+                         f"{list(sigma_rels)} with the lowest class-prompt FID.")
+    if a.out and sweep and "class" not in a.prompts.split(","):
+        raise ValueError("--out with several sigma_rels saves the lowest class-prompt FID: include class in --prompts.")
+    if a.out and a.out.resolve() == a.model.resolve():
+        raise ValueError(f"--out {a.out} is the source pipeline: write to another folder, so its stored EMA stays.")
+    folder = a.snapshots or a.model / "run" / "posthoc_ema"
+    if not folder.is_dir():
+        raise SnapshotError(f"No post-hoc EMA snapshots folder {folder}: train with `train --model dit --posthoc-ema "
+                            "0.05,0.10 --posthoc-snapshot-every N` (it writes OUT/run/posthoc_ema), or pass "
+                            "--snapshots.")
+    snapshots = load_snapshots(folder)
+    pipe = TextToImagePipeline.from_pretrained(a.model).to(a.device)
+    parts = _averaged_parts(pipe)
+    _check_fits(parts, snapshots[-1].shapes, folder, a.model)
+    emas = reconstruct_emas(snapshots, sigma_rels, a.step)
+    command = "python -m tutorial_lib " + " ".join(a.argv)
+    record = {"model": str(a.model), "snapshots": str(folder), "step": emas[0].step,
+              "tracked_sigma_rels": list(snapshots[0].sigma_rels), "command": command,
+              "sigma_rels": {str(e.sigma_rel): {"gamma": e.gamma, "residual": e.residual} for e in emas}}
+    chosen = emas[0]
+    if a.evaluate:
+        record["sampling"] = {"prompts": a.prompts, "per_prompt": a.per_prompt, "inference_steps": a.inference_steps,
+                              "guidance_scale": a.guidance_scale, "seed": a.seed, **_sampling(a)}
+        record["stored"] = _evaluate(pipe, a)  # the fixed EMA the pipeline was saved with, before any load
+        for e in emas:
+            _load_parts(parts, e.state_dict)
+            record["sigma_rels"][str(e.sigma_rel)]["metrics"] = _evaluate(pipe, a)
+        if sweep and a.out:
+            chosen = min(emas, key=lambda e: record["sigma_rels"][str(e.sigma_rel)]["metrics"]["class"]["fid"])
+    if a.out:
+        _load_parts(parts, chosen.state_dict)
+        posthoc = {"sigma_rel": chosen.sigma_rel, "step": chosen.step, "snapshots": str(folder), "command": command}
+        if sweep:
+            posthoc["chosen_by"] = f"lowest class-prompt FID of sigma_rels {list(sigma_rels)}"
+        info = {k: v for k, v in TextToImagePipeline.training_info(a.model).items() if k != "vae_hash"}
+        pipe.save_pretrained(a.out, with_vae=(a.model / "vae").is_dir(), **{**info, "posthoc_ema": posthoc})
+        record["saved"] = {"out": str(a.out), **posthoc}
+    text = json.dumps(record, indent=1)
+    if a.json:
+        atomic_write(a.json, lambda tmp: Path(tmp).write_text(text + "\n"))
+    print(text)
+
+
 def _cmd_demo(a):
     from .budget import current, pick
 
@@ -352,6 +440,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("posthoc-ema", help="EDM2 post-hoc EMA: reconstruct, evaluate, save (train --posthoc-ema)",
+                       description="Reconstruct the EMAs of --sigma-rels from the post-hoc EMA snapshots of a "
+                       "`train --model dit --posthoc-ema ... --posthoc-snapshot-every N` run (EDM2, Karras et al. "
+                       "2024); print them (gamma, residual) as JSON, with --evaluate their metrics and the stored "
+                       "EMA's on the same noise, and with --out save one as a pipeline.")
+    p.add_argument("--model", type=Path, required=True, help="a pipeline folder written by train --model dit")
+    p.add_argument("--sigma-rels", type=_floats, required=True, metavar="S1,S2",
+                   help="the EMA widths to reconstruct, e.g. 0.03,0.05,0.1")
+    p.add_argument("--snapshots", type=Path, help="the snapshots folder (default: MODEL/run/posthoc_ema)")
+    p.add_argument("--step", type=int, help="reconstruct the EMAs at this step (default: the last snapshot's)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="measure each reconstruction and the pipeline's stored EMA (as `evaluate`)")
+    _add_eval(p, per_prompt=50)
+    p.set_defaults(prompts="class")
+    _add_sampling(p)
+    p.add_argument("--out", type=Path, help="save the pipeline with the reconstructed EMA here: one sigma_rel, "
+                   "or with --evaluate the one of lowest class-prompt FID")
+    p.add_argument("--json", type=Path, help="also write the JSON record here")
+    _add_common(p)
+    p.set_defaults(func=_cmd_posthoc_ema)
 
     p = sub.add_parser("demo", help="train briefly, sample, evaluate (sized by TUTORIAL_BUDGET)")
     _add_train(p, steps=None)
