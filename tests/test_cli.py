@@ -165,3 +165,119 @@ def test_evaluate_passes_and_records_the_sampling_flags(monkeypatch, capsys, gen
                       "sampler": "edm_euler", "S_churn": 5.0, "S_noise": 1.003}
     assert {k: generate_calls[0][k] for k in ("sampler", "S_churn", "S_noise")} == \
         {"sampler": "edm_euler", "S_churn": 5.0, "S_noise": 1.003}
+
+
+# ----------------------------------------------------------------------------- wrong input
+def _run_cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "tutorial_lib", *args], cwd=REPO_ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "dit", "--preset", "nosuch"], "Unknown DiT preset 'nosuch'; choose one of tiny, DiT-S/1"),
+    (["train", "--model", "dit", "--config", "no/such.json"], "No such file or directory: no/such.json"),
+    (["sample", "--model", "no/such/folder"], "no/such/folder is not a saved pipeline (no model_index.json)."),
+], ids=["preset", "config", "model"])
+def test_wrong_input_is_one_line_and_status_2(args, message, monkeypatch):
+    monkeypatch.delenv("TUTORIAL_DEBUG", raising=False)
+    out = _run_cli(*args, "--device", "cpu")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"python -m tutorial_lib {args[0]}: error: ") and message in line
+
+
+def test_an_unknown_prompt_set_is_a_usage_error_before_loading():
+    out = _run_cli("evaluate", "--prompts", "class,nosuch", "--model", "no/such/folder")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == ("python -m tutorial_lib evaluate: error: argument --prompts: Unknown "
+                                           "prompt set 'nosuch'; choose 'class' or 'held_out'.")
+
+
+def test_tutorial_debug_shows_the_traceback():
+    out = _run_cli("sample", "--model", "no/such/folder", "--device", "cpu", TUTORIAL_DEBUG="1")
+    assert out.returncode == 1
+    assert "Traceback" in out.stderr and "WeightsError: no/such/folder is not a saved pipeline" in out.stderr
+
+
+def test_only_user_errors_become_status_2(monkeypatch, capsys):
+    """From the command line (argv None) one of user_errors() exits with 2; a bug keeps its traceback; an
+    in-process call with argv raises either, for notebooks."""
+    from tutorial_lib import cli
+    from tutorial_lib.weights import WeightsError
+
+    monkeypatch.delenv("TUTORIAL_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tutorial-lib", "sample"])
+    for error in (ValueError("bad value"), WeightsError("bad weights"), FileNotFoundError(2, "No such file", "x")):
+        monkeypatch.setattr(cli, "_cmd_sample", lambda a, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(SystemExit) as info:
+            main()
+        assert info.value.code == 2
+        assert capsys.readouterr().err.startswith("python -m tutorial_lib sample: error: ")
+        with pytest.raises(type(error)):
+            main(["sample"])
+    monkeypatch.setattr(cli, "_cmd_sample", lambda a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main()
+    monkeypatch.setattr(cli, "_cmd_sample", lambda a: {}["key"])  # a plain KeyError is a bug
+    with pytest.raises(KeyError):
+        main()
+
+
+# ----------------------------------------------------------------------------- help
+def _subparsers(parser):
+    import argparse
+
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_flag_has_help():
+    subparsers = _subparsers(build_parser())
+    assert set(subparsers) == set(COMMANDS)
+    missing = [f"{name} {action.option_strings[0]}" for name, p in subparsers.items() for action in p._actions
+               if action.option_strings and action.dest != "help" and not (action.help or "").strip()]
+    assert missing == []
+
+
+# ----------------------------------------------------------------------------- sample --prompt
+TINY = ["--model", str(REPO_ROOT / "tutorial_lib" / "assets" / "tiny_t2i"), "--device", "cpu", "--inference-steps", "2"]
+
+
+def _pngs(folder):
+    return sorted(p.name for p in folder.glob("prompt-*_image-*.png"))
+
+
+def test_sample_prompts_writes_the_grid_and_each_image(tmp_path, capsys):
+    from PIL import Image
+
+    prompts = ["a photo of a boot", "a red dress"]
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "prompt-07_image-00.png").write_bytes(b"")  # an earlier run's: removed
+    main(["sample", "--prompt", *prompts, "--num-images", "3", "--out", str(tmp_path / "samples.png"), *TINY])
+    assert _pngs(tmp_path / "samples") == [f"prompt-{p:02d}_image-{i:02d}.png" for p in range(2) for i in range(3)]
+    for path in (tmp_path / "samples").glob("*.png"):
+        with Image.open(path) as image:
+            assert image.size == (32, 32) and image.mode == "L"
+    assert (tmp_path / "samples" / "prompts.txt").read_text().splitlines() == prompts
+    with Image.open(tmp_path / "samples.png") as grid:
+        width, height = grid.size
+    assert width > height > 0  # two rows of three, the prompts as row labels
+    assert "samples.png" in capsys.readouterr().out
+
+
+def test_sample_without_prompts_is_one_row_per_class(tmp_path, generate_calls):
+    from tutorial_lib.data.captions import CLASS_PROMPTS
+
+    main(["sample", "--per-class", "1", "--out", str(tmp_path / "grid.png"), *TINY])  # --per-class: the old name
+    assert len(_pngs(tmp_path / "grid")) == len(CLASS_PROMPTS) == 10
+    assert (tmp_path / "grid" / "prompts.txt").read_text().splitlines() == list(CLASS_PROMPTS)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_sample_refuses_bad_sizes_and_paths(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--num-images", "0"])
+    assert info.value.code == 2 and "--num-images" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="give it an extension"):
+        main(["sample", "--out", str(tmp_path / "grid"), *TINY])
+    assert not (tmp_path / "grid").exists()

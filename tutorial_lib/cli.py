@@ -5,17 +5,22 @@
   encode-latents     encode Fashion-MNIST once into the latent cache under data/
   train              train a text-to-image model on the cached latents: notebook 01's tiny
                      transformer (--model tiny) or notebook 03's DiT (--model dit; torchrun: DDP)
-  sample             write a sample grid, one row per class prompt
+  sample             write a sample grid, one row per prompt (--prompt "..."; default: the class prompts)
   evaluate           class accuracy and feature-space FID of a model's samples
   posthoc-ema        EDM2 post-hoc EMA of a `train --model dit --posthoc-ema` run: reconstruct
                      sigma_rels from its snapshots, optionally evaluate them, save one as a pipeline
   demo               train briefly, write a sample grid, evaluate (the README's first command)
+
+A wrong input (a bad flag value, a missing folder, weights that do not fit: `user_errors()`) prints one
+line and exits with status 2; TUTORIAL_DEBUG=1 shows the full traceback instead. Called in-process
+with an argument list, `main(argv)` raises those errors as they are (for notebooks and tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -91,8 +96,10 @@ def _load_pipe(a):
     return TextToImagePipeline.from_pretrained(a.model).to(a.device)
 
 
-def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: float, seed: int,
-                 sampling: dict):
+def _sample_grid(pipe, path: Path, per_prompt: int, steps: int, guidance_scale: float, seed: int,
+                 sampling: dict, prompts=None):
+    """Sample `per_prompt` images of each prompt (default: the class prompts) and save them to `path` as a
+    grid, one row per prompt labelled with it; returns the images [len(prompts) * per_prompt, 1, H, W]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,12 +108,26 @@ def _sample_grid(pipe, path: Path, per_class: int, steps: int, guidance_scale: f
     from .data.captions import CLASS_PROMPTS
     from .viz import show_grid
 
-    prompts = [p for p in CLASS_PROMPTS for _ in range(per_class)]
-    images = pipe.generate(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
-                           **sampling)
+    prompts = list(prompts or CLASS_PROMPTS)
+    images = pipe.generate([p for p in prompts for _ in range(per_prompt)], num_inference_steps=steps,
+                           guidance_scale=guidance_scale, seed=seed, **sampling)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.close(show_grid(images, per_class, row_labels=list(CLASS_PROMPTS), path=path))
-    return path
+    plt.close(show_grid(images, per_prompt, row_labels=prompts, path=path))
+    return images
+
+
+def _save_images(images, prompts: list[str], per_prompt: int, folder: Path):
+    """Each image as FOLDER/prompt-PP_image-II.png and the prompts as FOLDER/prompts.txt (prompt PP on line
+    PP + 1); a previous run's prompt-*_image-*.png there are removed first, so the folder is this run's."""
+    from .viz import to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("prompt-*_image-*.png"):
+        old.unlink()
+    pw, iw = max(2, len(str(len(prompts) - 1))), max(2, len(str(per_prompt - 1)))
+    for i, image in enumerate(images):
+        to_pil(image).save(folder / f"prompt-{i // per_prompt:0{pw}d}_image-{i % per_prompt:0{iw}d}.png")
+    (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
 
 
 def _evaluate(pipe, a) -> dict:
@@ -126,6 +147,29 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    """'8' -> 8, an int >= 1, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _prompt_sets(text: str) -> str:
+    """'class,held_out', checked (unknown names are a usage error before any model loads), for argparse."""
+    from .data.captions import prompt_set
+
+    for kind in text.split(","):
+        try:
+            prompt_set(kind)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _dit_config(a):
@@ -191,9 +235,18 @@ def _cmd_train(a):
 
 
 def _cmd_sample(a):
-    path = _sample_grid(_load_pipe(a), a.out, a.per_class, a.inference_steps, a.guidance_scale, a.seed,
-                        _sampling(a))
-    print(f"sample grid: {path}")
+    from .data.captions import CLASS_PROMPTS
+
+    if not a.out.suffix:
+        raise ValueError(f"--out {a.out} is the grid's image file: give it an extension, e.g. {a.out}.png.")
+    if a.prompt and not all(p.strip() for p in a.prompt):
+        raise ValueError("--prompt: a prompt is empty.")
+    prompts = list(a.prompt or CLASS_PROMPTS)
+    images = _sample_grid(_load_pipe(a), a.out, a.num_images, a.inference_steps, a.guidance_scale, a.seed,
+                          _sampling(a), prompts)
+    folder = a.out.with_suffix("")
+    _save_images(images, prompts, a.num_images, folder)
+    print(f"sample grid: {a.out}\nimages: {folder}/ ({len(images)}: prompt-PP_image-II.png, prompts in prompts.txt)")
 
 
 def _cmd_evaluate(a):
@@ -297,8 +350,8 @@ def _cmd_demo(a):
     a_out, a.out = a.out, a.out / "model"
     pipe = _train(a)
     a.out = a_out
-    grid = _sample_grid(pipe, a.out / "samples.png", 8, a.inference_steps, a.guidance_scale, a.seed,
-                        _sampling(a))
+    grid = a.out / "samples.png"
+    _sample_grid(pipe, grid, 8, a.inference_steps, a.guidance_scale, a.seed, _sampling(a))
     metrics = _evaluate(pipe, a)
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
@@ -310,15 +363,16 @@ def _add_common(p):
     from .budget import device
 
     p.add_argument("--device", default=device(), help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 
 def _add_train(p, steps):
     p.add_argument("--preset", help="model size: cpu (default) or base for --model tiny; tiny "
                    "(default), DiT-S/2, ... for --model dit")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
+                   if steps else "optimizer steps (default: by TUTORIAL_BUDGET: 20, 1200 or 6000)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
 
 
 # Sampling flags (destinations named as `generate` takes them) that override the pipeline's recorded
@@ -334,11 +388,12 @@ def _sampling(a) -> dict:
 def _add_sampling(p):
     from .diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS
 
-    p.add_argument("--inference-steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--inference-steps", type=int, default=25, help="sampler steps (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=3.0,
+                   help="classifier-free guidance scale; 1: no guidance (default: %(default)s)")
     g = p.add_argument_group("sampler", "overrides of the pipeline's recorded sampling options (default: the "
                              "recorded value); the pipeline refuses a sampler that cannot step its model")
-    g.add_argument("--sampler", choices=(*SAMPLERS, *SIGMA_SAMPLERS))
+    g.add_argument("--sampler", choices=(*SAMPLERS, *SIGMA_SAMPLERS), help="the sampling method")
     g.add_argument("--eta", type=float, help="DDIM's eta, ddim only (default 0: deterministic; 1: ancestral)")
     g.add_argument("--sigma-min", type=float, help="the Karras grid's lowest sigma (EDM: 0.002)")
     g.add_argument("--sigma-max", type=float, help="the Karras grid's highest sigma (EDM: 80; capped at "
@@ -352,8 +407,13 @@ def _add_sampling(p):
 
 
 def _add_eval(p, per_prompt):
-    p.add_argument("--prompts", default="class,held_out", help="prompt sets: class, held_out")
-    p.add_argument("--per-prompt", type=int, default=per_prompt, help="samples per prompt")
+    p.add_argument("--prompts", type=_prompt_sets, default="class,held_out",
+                   help="prompt sets, comma-separated: class (one per class), held_out (unseen paraphrases)")
+    p.add_argument("--per-prompt", type=int, default=per_prompt, help="samples per prompt (default: %(default)s)"
+                   if per_prompt else "samples per prompt (default: by TUTORIAL_BUDGET: 10, 50 or 100)")
+
+
+MODEL_HELP = "a saved pipeline folder (default: the shipped DiT, tutorial_lib/assets/dit_t2i)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,28 +422,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-classifier", help="train the yardstick classifier")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", type=Path, default=ASSETS_DIR / "classifier.safetensors")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=ASSETS_DIR / "classifier.safetensors",
+                   help="weights file to write (default: the shipped one, tutorial_lib/assets/classifier.safetensors)")
     _add_common(p)
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("train-vae", help="train the KL autoencoder")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
     p.add_argument("--channels", default="16,32,64", help="width per level, comma-separated; f = 2^(levels-1)")
-    p.add_argument("--res-blocks", type=int, default=1)
-    p.add_argument("--latent-channels", type=int, default=4)
-    p.add_argument("--norm-groups", type=int, default=8)
-    p.add_argument("--no-mid-attention", action="store_true")
-    p.add_argument("--reconstruction", choices=("l1", "l2"), default="l1")
-    p.add_argument("--kl-weight", type=float, default=1e-3)
-    p.add_argument("--perceptual-weight", type=float, default=0.0)
-    p.add_argument("--disc-weight", type=float, default=0.0)
-    p.add_argument("--disc-start", type=int, default=0)
+    p.add_argument("--res-blocks", type=int, default=1,
+                   help="residual blocks per encoder level; the decoder has one more (default: %(default)s)")
+    p.add_argument("--latent-channels", type=int, default=4, help="channels of the latent (default: %(default)s)")
+    p.add_argument("--norm-groups", type=int, default=8,
+                   help="GroupNorm groups; must divide every width (default: %(default)s)")
+    p.add_argument("--no-mid-attention", action="store_true", help="no self-attention at the lowest resolution")
+    p.add_argument("--reconstruction", choices=("l1", "l2"), default="l1",
+                   help="reconstruction loss (default: %(default)s)")
+    p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term (default: %(default)s)")
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="weight of the perceptual loss; 0: off (default: %(default)s)")
+    p.add_argument("--disc-weight", type=float, default=0.0,
+                   help="weight of the adversarial (patch discriminator) loss; 0: off (default: %(default)s)")
+    p.add_argument("--disc-start", type=int, default=0,
+                   help="step at which the adversarial loss begins (default: %(default)s)")
     p.add_argument("--init", type=Path, help="start from these VAE weights (their config is kept)")
-    p.add_argument("--out", type=Path, default=ASSETS_DIR / "vae.safetensors")
+    p.add_argument("--out", type=Path, default=ASSETS_DIR / "vae.safetensors",
+                   help="weights file to write (default: the shipped one, tutorial_lib/assets/vae.safetensors)")
     _add_common(p)
     p.set_defaults(func=_cmd_train_vae)
 
@@ -411,31 +479,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-std", type=float, default=1.2, help="dit, edm: see --p-mean")
     p.add_argument("--sigma-data", type=float, default=None,
                    help="dit, edm: the latents' std (default: measured from the training latents)")
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=100, help="dit: learning-rate warm-up steps (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="dit: micro-batches per step; --batch-size is the whole step's (default: %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="dit: decay of the weights' EMA, which the saved pipeline uses (default: %(default)s)")
     p.add_argument("--posthoc-ema", type=_floats, default=None, metavar="S1,S2",
                    help="dit: EDM2 post-hoc EMA, the sigma_rels to track (e.g. 0.05,0.10)")
     p.add_argument("--posthoc-snapshot-every", type=int, default=None,
                    help="dit: steps between post-hoc EMA snapshots (with --posthoc-ema)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="dit: autocast dtype; fp16 on a GPU only (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="dit: torch.compile the model")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="dit: steps between checkpoints in OUT/run (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="dit: continue from OUT/run's latest checkpoint")
-    p.add_argument("--out", type=Path, default=Path("outputs/model"))
+    p.add_argument("--out", type=Path, default=Path("outputs/model"),
+                   help="folder to save the pipeline in (default: %(default)s)")
     _add_common(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sample", help="write a sample grid, one row per class prompt")
-    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i")
-    p.add_argument("--out", type=Path, default=Path("outputs/samples.png"))
-    p.add_argument("--per-class", type=int, default=8)
+    p = sub.add_parser("sample", help="write a sample grid, one row per prompt (default: the class prompts)",
+                       description="Sample --num-images images of each prompt and write them as a grid, one row "
+                       "per prompt labelled with it, and one by one as OUT_STEM/prompt-PP_image-II.png next to "
+                       "the grid (OUT_STEM/prompts.txt: prompt PP on line PP + 1).")
+    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i", help=MODEL_HELP)
+    p.add_argument("--prompt", nargs="+", metavar="PROMPT",
+                   help='one or more prompts, e.g. --prompt "a photo of a boot" "a red dress" (default: one per '
+                   'class, "a photo of a t-shirt", ...)')
+    p.add_argument("--num-images", "--per-class", dest="num_images", type=_positive, default=8,
+                   help="images per prompt, one grid row; --per-class is its former name (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("outputs/samples.png"),
+                   help="the grid's image file; the single images go in the folder of its name without the "
+                   "extension (default: %(default)s, and outputs/samples/)")
     _add_sampling(p)
     _add_common(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="class accuracy and FID of a model's samples")
-    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i")
+    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i", help=MODEL_HELP)
     _add_eval(p, per_prompt=100)
     _add_sampling(p)
     _add_common(p)
@@ -466,20 +548,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p, steps=None)
     _add_eval(p, per_prompt=None)
     _add_sampling(p)
-    p.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"),
+                   help="folder for the model, samples.png and metrics.json (default: %(default)s)")
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the library raises for a wrong input, each with a message that names it and
+    says what to do; anything else (a bug) keeps its traceback. Imported here, not at the top, so that
+    `--help` stays fast."""
+    from .data.fashion_mnist import DataError
+    from .text.cache import UnknownCaption
+    from .train.ema import SnapshotError
+    from .train.trainer import CheckpointError
+    from .weights import WeightsError
+
+    # ValueError: a bad value (preset, prompt set, sampler for this model, ...); FileNotFoundError: a
+    # path that is not there (--config, --init); the others: files that are missing, incomplete or do
+    # not fit (weights, data, checkpoints, post-hoc EMA snapshots), a prompt no cached caption matches.
+    return (ValueError, FileNotFoundError, WeightsError, SnapshotError, CheckpointError, DataError, UnknownCaption)
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    return str(error)
+
+
 def main(argv=None):
+    """Run a command. From the command line (argv None: sys.argv) one of `user_errors()` prints
+    "python -m tutorial_lib COMMAND: error: MESSAGE" and exits with status 2, as argparse does for a
+    bad flag (TUTORIAL_DEBUG=1: raise it, traceback and all); given argv (a notebook, a test), it raises."""
     import sys
 
+    command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv
     start = time.perf_counter()
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as error:
+        if not command_line or os.environ.get("TUTORIAL_DEBUG", "") not in ("", "0") \
+                or not isinstance(error, user_errors()):
+            raise
+        parser.exit(2, f"{parser.prog} {args.command}: error: {_message(error)}\n")
     print(f"[{args.command}] done in {time.perf_counter() - start:.1f} s")
 
 
