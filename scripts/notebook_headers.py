@@ -2,13 +2,16 @@
 
 The repository URL lives in one place, `[project.urls] Repository` in pyproject.toml; the badge and
 the Colab install cell are generated from it. `python scripts/notebook_headers.py` rewrites the
-headers and drops saved widget state (progress bars are live-only; their text fallback stays);
-`--check` only reports notebooks whose headers are missing or stale, or that carry widget state
-(exit code 1).
+headers, turns every finished tqdm progress bar into its final line of text (a widget's saved
+fallback is its first frame, "0%", which GitHub and Colab previews show), and drops the saved widget
+state; `--check` only reports notebooks whose headers are missing or stale, or that carry widget
+state (exit code 1). Run it right after executing a notebook (`make notebooks` does): the final
+frames are read from the widget state that the run saved.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 import tomllib
@@ -61,12 +64,48 @@ def is_current(nb: dict, name: str) -> bool:
     return "widgets" not in nb.get("metadata", {}) and header_is_current(nb, name)
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def progress_text(model_id: str, state: dict) -> str | None:
+    """The final line of the tqdm.notebook bar `model_id` (an HBox of description HTML, FloatProgress,
+    counts HTML) from the saved widget `state`, as tqdm prints it in a terminal; None if it is not one."""
+    box = state.get(model_id, {})
+    children = [state.get(c.removeprefix("IPY_MODEL_"), {}) for c in box.get("state", {}).get("children", [])]
+    if box.get("model_name") != "HBoxModel" or [c.get("model_name") for c in children] != \
+            ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    left, bar, right = (c["state"] for c in children)
+    text = [html.unescape(v.get("value", "")).replace("\u2007", " ") for v in (left, right)]
+    if not bar.get("max"):  # an unknown total: no bar
+        return f"{text[0]}{text[1]}".strip()
+    filled = round(10 * min(bar.get("value", 0) / bar["max"], 1))
+    return f"{text[0]}|{'█' * filled}{' ' * (10 - filled)}|{text[1]}"
+
+
+def finish_progress_bars(nb: dict) -> int:
+    """Replace every progress-bar widget output whose final state the notebook saved with that final
+    line, as plain text; returns how many were replaced."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    replaced = 0
+    for cell in nb["cells"]:
+        for i, out in enumerate(cell.get("outputs", [])):
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            line = view and progress_text(view.get("model_id", ""), state)
+            if line:
+                cell["outputs"][i] = {"output_type": "stream", "name": "stdout", "text": [line + "\n"]}
+                replaced += 1
+    return replaced
+
+
 def sync(path: Path) -> bool:
     """Rewrite the header of one notebook (keeping it, outputs included, if current) and drop
     saved widget state; True if anything changed."""
     nb = json.loads(path.read_text())
     if is_current(nb, path.name):
         return False
+    finish_progress_bars(nb)
     nb.get("metadata", {}).pop("widgets", None)
     if not header_is_current(nb, path.name):
         body = [c for c in nb["cells"] if KEY not in c.get("metadata", {})]

@@ -81,3 +81,44 @@ def test_check_detects_a_stale_header_and_sync_fixes_it(tmp_path):
     assert len(cells) == 3 and _source(cells[2]).startswith("# 99 Test")
     (tmp_path / "pyproject.toml").write_text(pyproject.replace(_repository(), "https://github.com/someone/else"))
     assert run("--check").returncode == 1
+
+
+def _headers_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebook_headers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bar(state, model_id, left, value, total, right):
+    """A tqdm.notebook bar as nbconvert saves it: an HBox of HTML, FloatProgress, HTML."""
+    ids = [f"{model_id}-{k}" for k in range(3)]
+    state[model_id] = {"model_name": "HBoxModel", "state": {"children": [f"IPY_MODEL_{i}" for i in ids]}}
+    state[ids[0]] = {"model_name": "HTMLModel", "state": {"value": left}}
+    state[ids[1]] = {"model_name": "FloatProgressModel", "state": {"value": value, "max": total}}
+    state[ids[2]] = {"model_name": "HTMLModel", "state": {"value": right}}
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"text/plain": ["train:   0%|          | 0/4 [00:00<?, ?it/s]"],
+                     "application/vnd.jupyter.widget-view+json": {"model_id": model_id, "version_major": 2}}}
+
+
+def test_finished_progress_bars_become_their_last_line():
+    """A saved notebook's widget bars show their first frame ("0%") in previews; the sync writes the
+    final frame from the saved widget state as text (tqdm's own format), and leaves a widget whose
+    state was not saved, or that is not a bar, as it is."""
+    h = _headers_module()
+    state = {}
+    done = _bar(state, "a", "train:\u2007100%", 4.0, 4.0, "\u20074/4\u2007[00:01&lt;00:00,\u2007\u20074.58it/s]")
+    half = _bar(state, "b", "eval:\u2007\u200750%", 1.0, 2.0, "\u20071/2")
+    unknown = {"output_type": "display_data", "metadata": {},
+               "data": {"application/vnd.jupyter.widget-view+json": {"model_id": "missing"}}}
+    nb = {"cells": [{"cell_type": "code", "outputs": [done, half, unknown]}],
+          "metadata": {"widgets": {h.WIDGET_STATE: {"state": state}}}}
+    assert h.finish_progress_bars(nb) == 2
+    outputs = nb["cells"][0]["outputs"]
+    assert [o.get("output_type") for o in outputs] == ["stream", "stream", "display_data"]
+    assert "".join(outputs[0]["text"]) == "train: 100%|██████████| 4/4 [00:01<00:00,  4.58it/s]\n"
+    assert "".join(outputs[1]["text"]) == "eval:  50%|█████     | 1/2\n"
+    assert outputs[2] is unknown
