@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from .fashion_mnist import CLASSES
+from .classes import CLASSES
 
 TEMPLATES = (
     "{}",

@@ -23,11 +23,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..paths import data_root
-
-CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
+from .captions import caption_for
+from .classes import CLASSES
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -174,6 +171,4 @@ class FashionMNIST(Dataset):
         label = int(self.labels[i])
         if not self.captions:
             return self.images[i], label
-        from .captions import caption_for
-
         return self.images[i], label, caption_for(label, seed=(self.seed, self.epoch, i))
