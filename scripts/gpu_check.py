@@ -339,7 +339,7 @@ def stage_train(args, part: Part):
 
     class CaptionTable(nn.Module):
         """A DiT conditioned on rows of a fixed table of caption tokens (text_to_image's
-        CaptionConditionedDiT, with random tokens in place of a text encoder's)."""
+        CaptionConditioned, with random tokens in place of a text encoder's)."""
 
         def __init__(self, dit: DiT, tokens: torch.Tensor, mask: torch.Tensor):
             super().__init__()

@@ -333,7 +333,7 @@ def test_an_all_padding_caption_is_refused_where_masks_are_made(tmp_path, monkey
     """The DiT no longer looks at mask values; the encoders and the training caption table do."""
     from tutorial_lib.text import WordEncoder, WordEncoderConfig, clear_memory_cache
     from tutorial_lib.text.base import TextEncoder, check_mask
-    from tutorial_lib.train.text_to_image import CaptionConditionedDiT
+    from tutorial_lib.train.text_to_image import CaptionConditioned
 
     with pytest.raises(ValueError, match="at least one real token"):
         check_mask(torch.tensor([[True, False], [False, False]]))
@@ -353,7 +353,7 @@ def test_an_all_padding_caption_is_refused_where_masks_are_made(tmp_path, monkey
     clear_memory_cache()
     try:
         with pytest.raises(ValueError, match="at least one real token"):
-            CaptionConditionedDiT(DiT(tiny()), Blank(), ["a bag", "a coat"])
+            CaptionConditioned(DiT(tiny()), Blank(), ["a bag", "a coat"])
     finally:
         clear_memory_cache()
 

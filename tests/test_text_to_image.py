@@ -18,7 +18,7 @@ from tutorial_lib.diffusion.parametrizations import PREDICTIONS, prediction_targ
 from tutorial_lib.models.dit import DiT, preset
 from tutorial_lib.pipeline import EPS_T_MAX, TextToImagePipeline
 from tutorial_lib.text import OneHotConfig, OneHotEncoder, clear_memory_cache, prompt_label
-from tutorial_lib.train.text_to_image import (CaptionConditionedDiT, Objective, TextToImageConfig, build,
+from tutorial_lib.train.text_to_image import (CaptionConditioned, Objective, TextToImageConfig, build,
                                               class_caption_rows, diffusion_loss, edm_diffusion_loss,
                                               make_loss_fn, train_text_to_image)
 from tutorial_lib.train.trainer import TrainerConfig
@@ -299,7 +299,7 @@ def test_dit_text_dim_is_set_from_the_encoder(encoder, kwargs, dim, tmp_path, da
     model = build(cfg)
     assert cfg.model.text_dim == model.config.text_dim == model.transformer.config.text_dim == dim
     with pytest.raises(ValueError, match="text_dim"):
-        CaptionConditionedDiT(DiT(preset("tiny", hidden_size=32, depth=1, num_heads=2, text_dim=dim + 1)),
+        CaptionConditioned(DiT(preset("tiny", hidden_size=32, depth=1, num_heads=2, text_dim=dim + 1)),
                               OneHotEncoder(OneHotConfig(dim=dim)), ["a bag"])
 
 
@@ -471,43 +471,60 @@ def test_cli_trains_an_edm_dit_that_both_loaders_sample(data, tmp_path, monkeypa
 
 
 def test_cli_objective_flags():
-    from tutorial_lib.cli import _dit_config, build_parser
+    from tutorial_lib.cli import _train_config, build_parser
 
     args = build_parser().parse_args(
         ["train", "--model", "dit", "--prediction", "eps", "--schedule", "scaled_linear", "--zero-terminal-snr",
          "--offset-noise", "0.1", "--input-perturbation", "0.05", "--t-distribution", "logit_normal",
          "--t-shift", "3", "--min-snr-gamma", "5"])
-    o = _dit_config(args).objective
+    o = _train_config(args).objective
     assert (o.prediction, o.schedule, o.zero_terminal_snr, o.offset_noise, o.input_perturbation,
             o.t_distribution, o.t_shift, o.min_snr_gamma) == ("eps", "scaled_linear", True, 0.1, 0.05,
                                                               "logit_normal", 3.0, 5.0)
-    assert _dit_config(build_parser().parse_args(["train", "--model", "dit"])).objective == Objective()
+    assert _train_config(build_parser().parse_args(["train", "--model", "dit"])).objective == Objective()
 
 
 def test_cli_edm_flags():
-    from tutorial_lib.cli import _dit_config, build_parser
+    from tutorial_lib.cli import _train_config, build_parser
 
     parse = build_parser().parse_args
-    o = _dit_config(parse(["train", "--model", "dit", "--prediction", "edm", "--p-mean", "-0.4", "--p-std", "1.0",
+    o = _train_config(parse(["train", "--model", "dit", "--prediction", "edm", "--p-mean", "-0.4", "--p-std", "1.0",
                            "--sigma-data", "0.6", "--offset-noise", "0.1"])).objective
     assert (o.prediction, o.P_mean, o.P_std, o.sigma_data, o.offset_noise) == ("edm", -0.4, 1.0, 0.6, 0.1)
-    o = _dit_config(parse(["train", "--model", "dit", "--prediction", "edm"])).objective
+    o = _train_config(parse(["train", "--model", "dit", "--prediction", "edm"])).objective
     assert (o.P_mean, o.P_std, o.sigma_data) == (-1.2, 1.2, None)  # the paper's; sigma_data measured
     with pytest.raises(ValueError, match="min_snr_gamma=5.0 do not apply"):
-        _dit_config(parse(["train", "--model", "dit", "--prediction", "edm", "--min-snr-gamma", "5"]))
+        _train_config(parse(["train", "--model", "dit", "--prediction", "edm", "--min-snr-gamma", "5"]))
     with pytest.raises(ValueError, match="P_mean=-0.4 are the EDM objective's"):
-        _dit_config(parse(["train", "--model", "dit", "--prediction", "v", "--p-mean", "-0.4"]))
+        _train_config(parse(["train", "--model", "dit", "--prediction", "v", "--p-mean", "-0.4"]))
 
 
 def test_cli_posthoc_ema_flags():
-    from tutorial_lib.cli import _dit_config, build_parser
+    from tutorial_lib.cli import _train_config, build_parser
 
     parse = build_parser().parse_args
     args = parse(["train", "--model", "dit", "--posthoc-ema", "0.05,0.10", "--posthoc-snapshot-every", "250"])
-    t = _dit_config(args).trainer
+    t = _train_config(args).trainer
     assert (t.posthoc_ema_sigma_rels, t.posthoc_snapshot_every) == ((0.05, 0.10), 250)
-    assert _dit_config(parse(["train", "--model", "dit"])).trainer.posthoc_ema_sigma_rels is None
+    assert _train_config(parse(["train", "--model", "dit"])).trainer.posthoc_ema_sigma_rels is None
     with pytest.raises(SystemExit):  # argparse: "expected comma-separated numbers"
         parse(["train", "--model", "dit", "--posthoc-ema", "0.05;0.1"])
     with pytest.raises(ValueError, match="go together"):
-        _dit_config(parse(["train", "--model", "dit", "--posthoc-ema", "0.05"]))
+        _train_config(parse(["train", "--model", "dit", "--posthoc-ema", "0.05"]))
+
+
+def test_cli_tiny_transformer_is_notebook_01s_recipe_through_the_trainer():
+    """`train --model tiny_transformer` builds notebook 01's model and objective (x0, t ~ Beta(1, 2.5), a
+    word encoder of the model's text width, learned with it) and trains it with the same Trainer."""
+    from tutorial_lib.cli import _train_config, build_parser
+    from tutorial_lib.models.tiny_transformer import TinyTransformer, preset
+
+    cfg = _train_config(build_parser().parse_args(["train", "--model", "tiny_transformer", "--steps", "3"]))
+    assert (cfg.architecture, cfg.model, cfg.text_encoder, cfg.text_encoder_kwargs) == \
+        ("tiny_transformer", preset("cpu"), "word", {"dim": preset("cpu").text_dim})
+    assert cfg.objective == Objective(prediction="x0", t_distribution="beta")
+    assert TextToImageConfig.from_dict(cfg.to_dict()) == cfg
+    model = build(cfg)
+    assert isinstance(model.transformer, TinyTransformer) and not model.text_encoder.frozen
+    with pytest.raises(ValueError, match="configured by a TinyTransformerConfig, got a DiTConfig"):
+        TextToImageConfig(architecture="tiny_transformer")

@@ -3,8 +3,8 @@
   train-classifier   train the yardstick classifier       -> tutorial_lib/assets/classifier.safetensors
   train-vae          train the KL autoencoder             -> tutorial_lib/assets/vae.safetensors
   encode-latents     encode Fashion-MNIST once into the latent cache under data/
-  train              train a text-to-image model on the cached latents: notebook 01's tiny
-                     transformer (--model tiny) or notebook 03's DiT (--model dit; torchrun: DDP)
+  train              train a text-to-image model on the cached latents: notebook 03's DiT (--model dit)
+                     or notebook 01's tiny transformer (--model tiny_transformer); torchrun: DDP or FSDP
   sample             write a sample grid, one row per prompt (--prompt "..."; default: the class prompts)
   evaluate           class accuracy and feature-space FID of a model's samples
   posthoc-ema        EDM2 post-hoc EMA of a `train --model dit --posthoc-ema` run: reconstruct
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -66,28 +67,6 @@ def _cmd_encode_latents(a):
     from .data.latents import latent_cache
 
     print(latent_cache())
-
-
-def _train(a):
-    from .data.latents import latent_cache
-    from .models.tiny_transformer import preset
-    from .pipeline import TextToImagePipeline
-    from .text.word_encoder import WordEncoderConfig
-    from .train.denoiser import DenoiserTrainConfig, train_denoiser
-
-    model = preset(a.preset or "cpu")
-    cfg = DenoiserTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                              model=model, text=WordEncoderConfig(dim=model.text_dim))
-    start = time.perf_counter()
-    nets, history = train_denoiser(latent_cache(), cfg, device=a.device)
-    seconds = time.perf_counter() - start
-    pipe = TextToImagePipeline(nets["denoiser"], nets["text_encoder"])
-    command = (f"python -m tutorial_lib train --preset {a.preset} --steps {a.steps} "
-               f"--batch-size {a.batch_size} --lr {a.lr} --seed {a.seed}")
-    pipe.save_pretrained(a.out, command=command, train_seconds=seconds, final_loss=history["loss"][-1])
-    print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
-                      "final_loss": round(history["loss"][-1], 4)}))
-    return pipe
 
 
 def _load_pipe(a):
@@ -172,8 +151,22 @@ def _prompt_sets(text: str) -> str:
     return text
 
 
-def _dit_config(a):
-    from .models.dit import preset
+# Per-architecture defaults of the flags left unset: notebook 01's recipe for its tiny transformer
+# (x0-prediction, t ~ Beta(1, 2.5), a word encoder trained with it), notebook 03's for the DiT.
+ARCHITECTURE_DEFAULTS = {
+    "tiny_transformer": {"preset": "cpu", "text_encoder": "word", "prediction": "x0", "t_distribution": "beta"},
+    "dit": {"preset": "tiny", "text_encoder": "minilm", "prediction": "v", "t_distribution": "uniform"},
+}
+
+
+def _model_config(a):
+    """The denoiser's config: a preset of the architecture, with the text encoder's width."""
+    from .models import dit, tiny_transformer
+
+    return (dit if a.model == "dit" else tiny_transformer).preset(a.preset)
+
+
+def _train_config(a):
     from .train.text_to_image import Objective, TextToImageConfig
     from .train.trainer import TrainerConfig
 
@@ -181,6 +174,9 @@ def _dit_config(a):
         cfg = TextToImageConfig.from_dict(json.loads(Path(a.config).read_text()))
         cfg.trainer.device = cfg.trainer.device or a.device  # the file's device wins; else --device
         return cfg
+    for name, value in ARCHITECTURE_DEFAULTS[a.model].items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
     objective = Objective(prediction=a.prediction, schedule=a.schedule, zero_terminal_snr=a.zero_terminal_snr,
                           cond_drop=a.cond_drop, t_distribution=a.t_distribution, t_shift=a.t_shift,
                           min_snr_gamma=a.min_snr_gamma, offset_noise=a.offset_noise,
@@ -192,11 +188,12 @@ def _dit_config(a):
                             mixed_precision=a.mixed_precision, compile=a.compile, seed=a.seed,
                             out_dir=str(a.out / "run"), checkpoint_every=a.checkpoint_every,
                             device=a.device)
-    return TextToImageConfig(model=preset(a.preset or "tiny"), text_encoder=a.text_encoder, objective=objective,
-                             trainer=trainer)
+    kwargs = {"dim": _model_config(a).text_dim} if a.text_encoder == "word" else {}
+    return TextToImageConfig(model=_model_config(a), architecture=a.model, text_encoder=a.text_encoder,
+                             text_encoder_kwargs=kwargs, objective=objective, trainer=trainer)
 
 
-def _train_dit(a):
+def _cmd_train(a):
     from .data.latents import latent_cache
     from .diffusion.samplers import default_sampler
     from .pipeline import TextToImagePipeline, start_level
@@ -204,7 +201,7 @@ def _train_dit(a):
     from .train import distributed
     from .train.text_to_image import train_text_to_image
 
-    cfg = _dit_config(a)
+    cfg = _train_config(a)
     info = distributed.setup()  # join the process group first, so that only rank 0 encodes the cache
     latents, labels = distributed.main_first(latent_cache, info).tensors("train")
     start = time.perf_counter()
@@ -225,13 +222,6 @@ def _train_dit(a):
     print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
                       "final_loss": round(record["final_loss"], 4)}))
     return pipe
-
-
-def _cmd_train(a):
-    if a.model == "dit":
-        _train_dit(a)
-    else:
-        _train(a)
 
 
 def _cmd_sample(a):
@@ -343,13 +333,17 @@ def _cmd_demo(a):
     from .budget import current, pick
 
     budget = current()
-    a.steps = a.steps or pick(smoke=20, default=1200, full=6000)
+    steps = a.steps or pick(smoke=20, default=1200, full=6000)
     a.per_prompt = a.per_prompt or pick(smoke=10, default=50, full=100)
     a.out.mkdir(parents=True, exist_ok=True)
-    print(f"demo, budget {budget!r}: training the notebook-01 model for {a.steps} steps on {a.device}")
-    a_out, a.out = a.out, a.out / "model"
-    pipe = _train(a)
-    a.out = a_out
+    shutil.rmtree(a.out / "model" / "run", ignore_errors=True)  # the demo's own previous run: start afresh
+    print(f"demo, budget {budget!r}: training the notebook-01 model for {steps} steps on {a.device}")
+    train = build_parser().parse_args(
+        ["train", "--model", "tiny_transformer", "--preset", a.preset or "cpu", "--steps", str(steps),
+         "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed), "--device", a.device,
+         "--out", str(a.out / "model")])
+    train.argv = ["train", *a.argv[1:]]
+    pipe = _cmd_train(train)
     grid = a.out / "samples.png"
     _sample_grid(pipe, grid, 8, a.inference_steps, a.guidance_scale, a.seed, _sampling(a))
     metrics = _evaluate(pipe, a)
@@ -367,8 +361,8 @@ def _add_common(p):
 
 
 def _add_train(p, steps):
-    p.add_argument("--preset", help="model size: cpu (default) or base for --model tiny; tiny "
-                   "(default), DiT-S/2, ... for --model dit")
+    p.add_argument("--preset", help="model size: tiny (default), DiT-S/2, ... for --model dit; cpu (default) "
+                   "or base for --model tiny_transformer")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
                    if steps else "optimizer steps (default: by TUTORIAL_BUDGET: 20, 1200 or 6000)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
@@ -458,42 +452,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode-latents", help="build the latent cache for the shipped VAE")
     p.set_defaults(func=_cmd_encode_latents)
 
-    p = sub.add_parser("train", help="train a text-to-image model (notebook 01's or notebook 03's DiT)")
+    p = sub.add_parser("train", help="train a text-to-image model (notebook 03's DiT or notebook 01's transformer)")
     _add_train(p, steps=3000)
-    p.add_argument("--model", choices=("tiny", "dit"), default="tiny",
-                   help="tiny: notebook 01's transformer (--preset cpu|base); dit: notebook 03's DiT "
-                        "(--preset tiny, DiT-S/2, ...)")
-    p.add_argument("--config", help="dit: a JSON TextToImageConfig (replaces the other training flags, "
+    p.add_argument("--model", choices=("dit", "tiny_transformer"), default="dit",
+                   help="the architecture: dit, notebook 03's DiT (--preset tiny, DiT-S/2, ...), or "
+                        "tiny_transformer, notebook 01's (--preset cpu|base) (default: %(default)s)")
+    p.add_argument("--config", help="a JSON TextToImageConfig (replaces the other training flags, "
                    "--seed included; --device applies when the file sets no device)")
-    p.add_argument("--text-encoder", default="minilm", help="dit: one_hot, word, minilm or clip")
-    p.add_argument("--prediction", default="v", help="dit: x0, eps, v, flow or edm (Karras et al., 2022)")
-    p.add_argument("--schedule", default="cosine", help="dit: cosine, linear, scaled_linear or flow")
-    p.add_argument("--zero-terminal-snr", action="store_true", help="dit: rescale a beta schedule to SNR(1) = 0")
-    p.add_argument("--t-distribution", default="uniform", help="dit: uniform, beta or logit_normal")
-    p.add_argument("--t-shift", type=float, default=1.0, help="dit: > 1 biases training t towards noise")
-    p.add_argument("--min-snr-gamma", type=float, default=None, help="dit: min-SNR-gamma loss weights")
-    p.add_argument("--cond-drop", type=float, default=0.1, help="dit: null-caption probability")
-    p.add_argument("--offset-noise", type=float, default=0.0, help="dit: offset-noise strength (e.g. 0.1)")
-    p.add_argument("--input-perturbation", type=float, default=0.0, help="dit: input-perturbation gamma")
-    p.add_argument("--p-mean", type=float, default=-1.2, help="dit, edm: ln sigma ~ N(P_mean, P_std^2)")
-    p.add_argument("--p-std", type=float, default=1.2, help="dit, edm: see --p-mean")
+    p.add_argument("--text-encoder", help="one_hot, word, minilm or clip (default: minilm for dit, word, "
+                   "trained with it, for tiny_transformer)")
+    p.add_argument("--prediction", help="x0, eps, v, flow or edm (Karras et al., 2022) (default: v for dit, "
+                   "x0 for tiny_transformer)")
+    p.add_argument("--schedule", default="cosine", help="cosine, linear, scaled_linear or flow")
+    p.add_argument("--zero-terminal-snr", action="store_true", help="rescale a beta schedule to SNR(1) = 0")
+    p.add_argument("--t-distribution", help="uniform, beta (Beta(1, 2.5)) or logit_normal (default: uniform "
+                   "for dit, beta for tiny_transformer)")
+    p.add_argument("--t-shift", type=float, default=1.0, help="> 1 biases training t towards noise")
+    p.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-gamma loss weights")
+    p.add_argument("--cond-drop", type=float, default=0.1, help="null-caption probability")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="offset-noise strength (e.g. 0.1)")
+    p.add_argument("--input-perturbation", type=float, default=0.0, help="input-perturbation gamma")
+    p.add_argument("--p-mean", type=float, default=-1.2, help="edm: ln sigma ~ N(P_mean, P_std^2)")
+    p.add_argument("--p-std", type=float, default=1.2, help="edm: see --p-mean")
     p.add_argument("--sigma-data", type=float, default=None,
-                   help="dit, edm: the latents' std (default: measured from the training latents)")
-    p.add_argument("--warmup", type=int, default=100, help="dit: learning-rate warm-up steps (default: %(default)s)")
+                   help="edm: the latents' std (default: measured from the training latents)")
+    p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps (default: %(default)s)")
     p.add_argument("--grad-accum", type=int, default=1,
-                   help="dit: micro-batches per step; --batch-size is the whole step's (default: %(default)s)")
+                   help="micro-batches per step; --batch-size is the whole step's (default: %(default)s)")
     p.add_argument("--ema-decay", type=float, default=0.999,
-                   help="dit: decay of the weights' EMA, which the saved pipeline uses (default: %(default)s)")
+                   help="decay of the weights' EMA, which the saved pipeline uses (default: %(default)s)")
     p.add_argument("--posthoc-ema", type=_floats, default=None, metavar="S1,S2",
-                   help="dit: EDM2 post-hoc EMA, the sigma_rels to track (e.g. 0.05,0.10)")
+                   help="EDM2 post-hoc EMA, the sigma_rels to track (e.g. 0.05,0.10)")
     p.add_argument("--posthoc-snapshot-every", type=int, default=None,
-                   help="dit: steps between post-hoc EMA snapshots (with --posthoc-ema)")
+                   help="steps between post-hoc EMA snapshots (with --posthoc-ema)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                   help="dit: autocast dtype; fp16 on a GPU only (default: %(default)s)")
-    p.add_argument("--compile", action="store_true", help="dit: torch.compile the model")
+                   help="autocast dtype; fp16 on a GPU only (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpoint-every", type=int, default=500,
-                   help="dit: steps between checkpoints in OUT/run (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="dit: continue from OUT/run's latest checkpoint")
+                   help="steps between checkpoints in OUT/run (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/run's latest checkpoint")
     p.add_argument("--out", type=Path, default=Path("outputs/model"),
                    help="folder to save the pipeline in (default: %(default)s)")
     _add_common(p)

@@ -42,6 +42,7 @@ from ..diffusion.losses import (TIMESTEP_DISTRIBUTIONS, min_snr_weight, offset_n
 from ..diffusion.parametrizations import PREDICTIONS, prediction_target
 from ..diffusion.schedules import Schedule, get_schedule
 from ..models.dit import DiT, DiTConfig
+from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
 from ..text.base import NULL_PROMPT, check_mask
 from ..weights import atomic_write
@@ -118,11 +119,16 @@ class Objective:
         return get_schedule(self.schedule, self.zero_terminal_snr)
 
 
+# architecture name -> (denoiser class, its config class)
+ARCHITECTURES = {"dit": (DiT, DiTConfig), "tiny_transformer": (TinyTransformer, TinyTransformerConfig)}
+
+
 @dataclass
 class TextToImageConfig:
-    """One training run: the DiT, the text encoder, the objective and the trainer's settings."""
+    """One training run: the denoiser, the text encoder, the objective and the trainer's settings."""
 
-    model: DiTConfig = field(default_factory=DiTConfig)
+    model: DiTConfig | TinyTransformerConfig = field(default_factory=DiTConfig)
+    architecture: str = "dit"  # "dit" (notebook 03) or "tiny_transformer" (notebook 01): ARCHITECTURES
     text_encoder: str = "minilm"  # one of text.TEXT_ENCODERS
     text_encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"dim": 128} for "word"
     objective: Objective = field(default_factory=Objective)
@@ -132,11 +138,18 @@ class TextToImageConfig:
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"Unknown text encoder {self.text_encoder!r}; choose from "
                              f"{', '.join(TEXT_ENCODERS)}.")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"Unknown architecture {self.architecture!r}; choose from {', '.join(ARCHITECTURES)}.")
+        config_class = ARCHITECTURES[self.architecture][1]
+        if not isinstance(self.model, config_class):
+            raise ValueError(f"architecture {self.architecture!r} is configured by a {config_class.__name__}, "
+                             f"got a {type(self.model).__name__}.")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextToImageConfig":
         """From the nested dict of `to_dict` (or a JSON config file); unknown keys are an error."""
-        parts = {"model": DiTConfig, "objective": Objective, "trainer": TrainerConfig}
+        parts = {"model": ARCHITECTURES.get(d.get("architecture", "dit"), ARCHITECTURES["dit"])[1], "objective": Objective,
+                 "trainer": TrainerConfig}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Unknown config keys {sorted(unknown)}.")
@@ -154,53 +167,72 @@ class TextToImageConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-class CaptionConditionedDiT(nn.Module):
-    """What trains: the DiT, conditioned on rows of the caption table; a learned text encoder too.
+class CaptionConditioned(nn.Module):
+    """What trains: a denoiser (the DiT, or notebook 01's tiny transformer) and, if it learns, the text
+    encoder, conditioned on captions given in one of three forms:
 
-    forward(x_t [B, C, H, W], t [B], rows [B]) -> F [B, C, H, W]. Row `null_row` is "".
+        rows [B] (LongTensor)   rows of a fixed caption table (`captions`; class captions); a frozen
+                                encoder is run once over the table, which is then a buffer
+        TextEmbedding           a frozen encoder's embeddings, read from a cache (per-image captions)
+        list of B str           the captions themselves, encoded now (a learned encoder)
+
+    forward(x_t [B, C, H, W], t [B], text) -> F [B, C, H, W]. The null condition is always the encoding
+    of "" (`null_row` of the table, `null_text()` otherwise).
     """
 
-    def __init__(self, transformer: DiT, encoder: TextEncoder, captions: list[str]):
+    def __init__(self, transformer: nn.Module, encoder: TextEncoder, captions: list[str] | None = None):
         super().__init__()
         if encoder.dim != transformer.config.text_dim:
-            raise ValueError(f"The {encoder.name!r} encoder gives {encoder.dim}-wide tokens but the DiT "
-                             f"reads text_dim={transformer.config.text_dim}; set the DiT's text_dim.")
+            raise ValueError(f"The {encoder.name!r} encoder gives {encoder.dim}-wide tokens but the denoiser "
+                             f"reads text_dim={transformer.config.text_dim}; set the denoiser's text_dim.")
         self.transformer = transformer
-        self.captions = tuple(dict.fromkeys([*captions, NULL_PROMPT]))
-        self.null_row = self.captions.index(NULL_PROMPT)
-        if encoder.frozen:  # run once; the table is a buffer, not saved with the weights
-            table = caption_embeddings(encoder, self.captions)
-            self.text_encoder = None
+        self.captions = None if captions is None else tuple(dict.fromkeys([*captions, NULL_PROMPT]))
+        self.null_row = None if captions is None else self.captions.index(NULL_PROMPT)
+        self.text_encoder = None if encoder.frozen else encoder
+        if encoder.frozen:  # run once; buffers, not saved with the weights
+            table = caption_embeddings(encoder, self.captions or [NULL_PROMPT])
             self.register_buffer("tokens", table.tokens, persistent=False)  # [rows, L, D]
             self.register_buffer("mask", check_mask(table.mask), persistent=False)  # [rows, L]
-        else:
-            self.text_encoder = encoder
 
     @property
-    def config(self) -> DiTConfig:
+    def config(self):
         return self.transformer.config
 
-    def text(self, rows: torch.Tensor) -> TextEmbedding:
+    def null_text(self, batch_size: int) -> TextEmbedding:
+        """The encoding of "" for `batch_size` items."""
+        if self.text_encoder is not None:
+            return self.text_encoder.null(batch_size)
+        rows = torch.full((batch_size,), self.null_row or 0, device=self.tokens.device)
+        return TextEmbedding(self.tokens[rows], self.mask[rows])
+
+    def text(self, cond) -> TextEmbedding:
+        if isinstance(cond, TextEmbedding):
+            return cond
+        if isinstance(cond, (list, tuple)):
+            if self.text_encoder is None:
+                raise ValueError("Captions as strings need a learned text encoder; a frozen one's embeddings "
+                                 "are read from their cache (text.embedding_cache) and given as a TextEmbedding.")
+            return self.text_encoder.encode(list(cond))
         if self.text_encoder is None:
-            return TextEmbedding(self.tokens[rows], self.mask[rows])
-        return self.text_encoder.encode([self.captions[i] for i in rows.tolist()])
+            return TextEmbedding(self.tokens[cond], self.mask[cond])
+        return self.text_encoder.encode([self.captions[i] for i in cond.tolist()])
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.transformer(x_t, t, self.text(rows))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        return self.transformer(x_t, t, self.text(text))
 
 
-def class_caption_rows(model: CaptionConditionedDiT) -> torch.Tensor:
+def class_caption_rows(model: CaptionConditioned) -> torch.Tensor:
     """Rows of each class's captions in the model's table: [classes, captions per class]."""
     index = {c: i for i, c in enumerate(model.captions)}
     return torch.tensor([[index[c] for c in all_training_captions(k)] for k in range(len(CLASSES))])
 
 
-def diffusion_loss(model, x0: torch.Tensor, rows: torch.Tensor, objective: Objective,
+def diffusion_loss(model, x0: torch.Tensor, text, objective: Objective,
                    generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """The module docstring's loss for latents x0 [B, C, H, W] and caption rows [B] (already dropped);
-    for prediction "edm", `edm_diffusion_loss`."""
+    """The module docstring's loss for latents x0 [B, C, H, W] and their captions `text` (already
+    dropped; any form `CaptionConditioned` reads); for prediction "edm", `edm_diffusion_loss`."""
     if objective.prediction == "edm":
-        return edm_diffusion_loss(model, x0, rows, objective, generator)
+        return edm_diffusion_loss(model, x0, text, objective, generator)
     b = x0.shape[0]
     schedule = objective.noise_schedule()
     t = sample_timesteps(b, objective.t_distribution, generator, beta=objective.t_beta,
@@ -212,21 +244,21 @@ def diffusion_loss(model, x0: torch.Tensor, rows: torch.Tensor, objective: Objec
     target = prediction_target(objective.prediction, x0, eps, alpha, sigma)
     weight = None if objective.min_snr_gamma is None else \
         min_snr_weight(alpha, sigma, objective.prediction, objective.min_snr_gamma)
-    return weighted_mse(model(x_t, t, rows).float(), target, weight), {}
+    return weighted_mse(model(x_t, t, text).float(), target, weight), {}
 
 
-def edm_diffusion_loss(model, x0: torch.Tensor, rows: torch.Tensor, objective: Objective,
+def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective,
                        generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """EDM's loss (`edm.edm_loss`) for latents x0 [B, C, H, W] and caption rows [B] (already dropped):
+    """EDM's loss (`edm.edm_loss`) for latents x0 [B, C, H, W] and their captions (already dropped):
     n ~ N(0, I) (+ offset noise), then ln sigma ~ N(P_mean, P_std^2), with `model` (what the Trainer
-    passes: the CaptionConditionedDiT, DDP-wrapped or compiled) as F inside EDMPrecond. Wrapped here,
+    passes: the CaptionConditioned, DDP-wrapped or compiled) as F inside EDMPrecond. Wrapped here,
     not in `build`, the trained module and its checkpoints stay the DiT's, as for every prediction."""
     if objective.sigma_data is None:
         raise ValueError("The EDM loss needs the latents' sigma_data: train_text_to_image measures it "
                          "when training starts; else set Objective(sigma_data=edm.measure_sigma_data(latents)).")
     eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
     inputs = perturb_input(eps, objective.input_perturbation, generator)
-    loss = edm_loss(EDMPrecond(model, objective.sigma_data), x0, rows, generator, P_mean=objective.P_mean,
+    loss = edm_loss(EDMPrecond(model, objective.sigma_data), x0, text, generator, P_mean=objective.P_mean,
                     P_std=objective.P_std, noise=eps.to(x0.device), input_noise=inputs.to(x0.device))
     return loss, {}
 
@@ -246,8 +278,10 @@ def make_loss_fn(rows_per_class: torch.Tensor, null_row: int, objective: Objecti
     return loss_fn
 
 
-def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None) -> CaptionConditionedDiT:
-    """The training module for `cfg`; `encoder` (else built from the config) sets the DiT's text_dim."""
+def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None, per_record: bool = False) -> CaptionConditioned:
+    """The training module for `cfg`; `encoder` (else built from the config) sets the denoiser's
+    text_dim. Its caption table holds the class captions, or nothing with `per_record` (captions come
+    with each record: `records.train_on_records`)."""
     torch.manual_seed(cfg.trainer.seed)  # a learned encoder's initial weights
     encoder = encoder or text_encoder(cfg.text_encoder, **cfg.text_encoder_kwargs)
     if encoder is None:
@@ -255,24 +289,38 @@ def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None) -> Caption
                            "message above); choose 'minilm', 'word' or 'one_hot'.")
     if cfg.model.text_dim != encoder.dim:
         cfg.model = dataclasses.replace(cfg.model, text_dim=encoder.dim)
-    torch.manual_seed(cfg.trainer.seed)  # the DiT's initial weights, with or without `encoder`
-    return CaptionConditionedDiT(DiT(cfg.model), encoder, all_training_captions())
+    torch.manual_seed(cfg.trainer.seed)  # the denoiser's initial weights, with or without `encoder`
+    captions = None if per_record else all_training_captions()
+    return CaptionConditioned(ARCHITECTURES[cfg.architecture][0](cfg.model), encoder, captions)
 
 
 def train_text_to_image(cfg: TextToImageConfig, latents: torch.Tensor, labels: torch.Tensor,
                         encoder: TextEncoder | None = None, resume: bool = False,
                         sample_fn=None) -> Trainer:
-    """Train (or, with resume, continue from out_dir's newest good checkpoint, if it has one: a job
-    that is restarted after a crash can always pass resume=True); returns the Trainer, whose
-    `ema_model.transformer` (and `.text_encoder`, if learned) the pipeline samples with. An EDM
-    objective without sigma_data gets it measured from `latents` here, into `cfg` (and so into
-    config.json and the pipeline the CLI writes); on resume it is measured again, to the same bits."""
+    """Train on Fashion-MNIST latents [N, C, h, w] with class captions drawn per step from `labels` [N]
+    (notebooks 01 and 03); `records.train_on_records` trains on any image–caption data instead.
+    Returns the Trainer (see `fit_text_to_image`)."""
+    measure_sigma_data_into(cfg, latents)
+    model = build(cfg, encoder)
+    loss_fn = make_loss_fn(class_caption_rows(model), model.null_row, cfg.objective)
+    return fit_text_to_image(cfg, model, loss_fn, (latents, labels), resume, sample_fn)
+
+
+def measure_sigma_data_into(cfg: TextToImageConfig, latents: torch.Tensor):
+    """An EDM objective without sigma_data gets it measured from the training `latents`, into `cfg` (and
+    so into config.json and the pipeline the CLI writes); on resume it is measured again, to the same bits."""
     if cfg.objective.prediction == "edm" and cfg.objective.sigma_data is None:
         cfg.objective = dataclasses.replace(cfg.objective, sigma_data=measure_sigma_data(latents))
         print(f"sigma_data = {cfg.objective.sigma_data:.4f}, measured from {len(latents)} training latents")
-    model = build(cfg, encoder)
-    loss_fn = make_loss_fn(class_caption_rows(model), model.null_row, cfg.objective)
-    trainer = Trainer(model, loss_fn, (latents, labels), cfg.trainer, sample_fn)
+
+
+def fit_text_to_image(cfg: TextToImageConfig, model: CaptionConditioned, loss_fn, data, resume: bool = False,
+                      sample_fn=None) -> Trainer:
+    """Train `model` on `data` with the Trainer (or, with resume, continue from out_dir's newest good
+    checkpoint, if it has one: a job that is restarted after a crash can always pass resume=True);
+    returns the Trainer, whose `export_ema()` the pipeline samples with (`.transformer`, and
+    `.text_encoder` if learned)."""
+    trainer = Trainer(model, loss_fn, data, cfg.trainer, sample_fn)
     if resume and trainer.has_checkpoints():
         trainer.load_checkpoint()
     elif resume:

@@ -1,0 +1,94 @@
+"""What the Trainer reads to train on any image–caption data: latent shards joined with captions.
+
+A record is one image's VAE posterior N(mean, std^2) (data/shards.py, encoded once) and its caption,
+as a frozen encoder's cached embedding (text/embedding_cache.py) or, for a learned encoder, as the
+string. `TextToImageRecords.__getitems__(indices)` returns one whole batch, read lazily from the
+memory-mapped shards, so the Trainer's DataLoader workers read only the rows each rank needs:
+
+    {"mean": [B, C, h, w], "std": [B, C, h, w]}         scaled latents: z_s = (z - shift) * scale
+    + {"tokens": [B, L, D], "mask": [B, L]}             a frozen encoder's embeddings, or
+    + {"caption": [B str]}                              the captions, for a learned encoder
+
+`record_loss_fn` turns such a batch into the diffusion loss: x0 = mean (or a posterior sample
+mean + std * n, with `posterior`), captions dropped to the null condition with probability
+cond_drop (Ho & Salimans, 2022), then `text_to_image.diffusion_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..text.base import NULL_PROMPT, TextEmbedding, TextEncoder
+from ..text.embedding_cache import CaptionEmbeddingCache
+from .text_to_image import (Objective, TextToImageConfig, build, diffusion_loss, fit_text_to_image,
+                            measure_sigma_data_into)
+from .trainer import Trainer
+
+
+class TextToImageRecords:
+    """Latent shards (`data.shards.LatentShards`) joined with their captions' embeddings, if cached."""
+
+    def __init__(self, latents, captions: CaptionEmbeddingCache | None = None):
+        if captions is not None and len(captions) != len(latents):
+            raise ValueError(f"The caption embeddings hold {len(captions)} records and the latents "
+                             f"{len(latents)}: they were encoded from different data.")
+        self.latents, self.captions = latents, captions
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        rows = self.latents.__getitems__(indices)
+        scale = self.latents.index["scaling_factor"]
+        batch = {"mean": self.latents.scaled(rows["mean"]), "std": rows["std"] * scale}
+        if self.captions is None:
+            return {**batch, "caption": rows["caption"]}
+        text = self.captions.take(torch.as_tensor(indices))
+        return {**batch, "tokens": text.tokens, "mask": text.mask}
+
+    def sigma_data_sample(self, n: int = 10_000) -> torch.Tensor:
+        """The scaled posterior means of the first `n` records (to measure sigma_data for EDM)."""
+        return self.__getitems__(list(range(min(n, len(self)))))["mean"]
+
+
+def _drop_text(batch: dict, drop: torch.Tensor, null: TextEmbedding | None):
+    """The batch's captions with the items where `drop` [B] is True replaced by the null condition."""
+    if "caption" in batch:
+        return [NULL_PROMPT if d else c for c, d in zip(batch["caption"], drop.tolist())]
+    tokens, mask = batch["tokens"], batch["mask"]
+    keep = ~drop.to(tokens.device)
+    null = TextEmbedding(null.tokens.to(tokens.device), null.mask.to(tokens.device))
+    return TextEmbedding(torch.where(keep[:, None, None], tokens, null.tokens),
+                         torch.where(keep[:, None], mask, null.mask))
+
+
+def record_loss_fn(objective: Objective, null: TextEmbedding | None = None, posterior: bool = False):
+    """The Trainer's loss_fn(model, batch, generator) for `TextToImageRecords` batches.
+
+    null: the cached embedding of "" ([1, L, D] and [1, L], the cache's `null(1)`) when the batch
+    carries embeddings; None when it carries strings (a learned encoder encodes "" itself).
+    """
+
+    def loss_fn(model, batch, generator):
+        x0 = batch["mean"]
+        if posterior:  # z ~ N(mean, std^2), drawn from the trainer's generator (exact resume)
+            x0 = x0 + batch["std"] * torch.randn(x0.shape, generator=generator).to(x0.device)
+        drop = torch.rand(len(x0), generator=generator) < objective.cond_drop
+        return diffusion_loss(model, x0, _drop_text(batch, drop, null), objective, generator)
+
+    return loss_fn
+
+
+def train_on_records(cfg: TextToImageConfig, records: TextToImageRecords, encoder: TextEncoder | None = None,
+                     posterior: bool = False, resume: bool = False, sample_fn=None) -> Trainer:
+    """Train on `records` through the same model, objective and Trainer as `train_text_to_image`.
+    A frozen `cfg.text_encoder` needs the records' caption embeddings cached; a learned one reads strings."""
+    model = build(cfg, encoder, per_record=True)
+    if (records.captions is None) != (model.text_encoder is not None):
+        need = "strings (records without a caption cache)" if model.text_encoder is not None else \
+            "cached embeddings (encode the captions first: text.embedding_cache.encode_caption_cache)"
+        raise ValueError(f"The {cfg.text_encoder!r} text encoder is {'learned' if model.text_encoder else 'frozen'}: "
+                         f"it reads captions as {need}.")
+    measure_sigma_data_into(cfg, records.sigma_data_sample())
+    null = None if records.captions is None else records.captions.null(1)
+    return fit_text_to_image(cfg, model, record_loss_fn(cfg.objective, null, posterior), records, resume, sample_fn)
