@@ -124,6 +124,31 @@ def test_evaluate_pipeline_is_seeded(shipped_classifier, shipped_vae, tiny_denoi
     assert images.shape == (20, 1, 32, 32)
     assert first["n"] == 20 and first["prompts"] == "class" and first["num_inference_steps"] == 2
     assert 0.0 <= first["class_accuracy"] <= 1.0 and first["fid"] > 0
+    assert not {"attribute_accuracy", "all_attributes_accuracy", "held_out_rate"} & set(first)
+
+
+@pytest.mark.parametrize("kind", ["attributes", "attributes_held_out"])
+def test_evaluate_pipeline_on_attribute_prompts(kind, shipped_classifier, shipped_vae, tiny_denoiser,
+                                                tiny_text_encoder, test_stats_from_2000):
+    from tutorial_lib.data.attributes import ATTRIBUTES
+    from tutorial_lib.data.captions import attribute_prompt_set
+    from tutorial_lib.eval.metrics import attribute_accuracy, evaluate_pipeline, held_out_rate
+    from tutorial_lib.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline(tiny_denoiser, tiny_text_encoder, shipped_vae)
+    result, images = evaluate_pipeline(pipe, kind, per_prompt=2, num_inference_steps=2, batch_size=16,
+                                       classifier=shipped_classifier, seed=5)
+    prompts, labels, targets = attribute_prompt_set(kind)
+    labels = [y for y in labels for _ in range(2)]
+    per_image = {n: [v for v in t for _ in range(2)] for n, t in targets.items()}
+    expected = attribute_accuracy(images, labels, per_image)
+    assert result["n"] == len(images) == 2 * len(prompts) and result["prompts"] == kind
+    assert result["attribute_accuracy"] == {n: expected[n] for n in ATTRIBUTES}
+    assert result["all_attributes_accuracy"] == expected["all"] and 0 <= expected["all"] <= 1
+    assert {"class_accuracy", "fid", "fid_reals_baseline"} <= set(result)
+    assert ("held_out_rate" in result) == (kind == "attributes_held_out")
+    if kind == "attributes_held_out":
+        assert result["held_out_rate"] == held_out_rate(images, labels)
 
 
 def test_test_set_features_are_cached_on_disk_by_classifier_weights(tmp_path, monkeypatch, real_test):

@@ -191,7 +191,8 @@ def test_an_unknown_prompt_set_is_a_usage_error_before_loading():
     out = _run_cli("evaluate", "--prompts", "class,nosuch", "--model", "no/such/folder")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.splitlines()[-1] == ("python -m tutorial_lib evaluate: error: argument --prompts: Unknown "
-                                           "prompt set 'nosuch'; choose 'class' or 'held_out'.")
+                                           "prompt set 'nosuch'; choose one of class, held_out, attributes, "
+                                           "attributes_held_out.")
 
 
 def test_tutorial_debug_shows_the_traceback():

@@ -6,15 +6,22 @@
   between generated features (mu_g, S_g) and the test set's (mu_r, S_r).
 - The reals baseline: the same FID for n real training images, the floor a perfect generator
   reaches with n samples (FID is biased upwards for small n, so always compare at equal n).
+- Attribute accuracy: the fraction of samples whose attribute (brightness, size, texture) has the
+  value the prompt asked for, measured by `data.attributes.label_attributes`, the function that
+  labelled the training captions. The shipped VAE's round trip alone keeps 98.7% / 97.7% / 94.4%
+  of real images' labels (91.0% all three): the ceiling for a latent model.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.attributes import ATTRIBUTES, is_held_out, label_attributes
+from ..data.captions import ATTRIBUTE_PROMPT_SETS, attribute_prompt_set, prompt_set
 from ..data.fashion_mnist import load_fashion_mnist, to_model_images
 from ..models.classifier import FashionClassifier, load_classifier
 from ..paths import data_root
@@ -122,16 +129,44 @@ def evaluate_images(images: torch.Tensor, labels, classifier: FashionClassifier 
     }
 
 
+def attribute_accuracy(images, labels, targets: dict) -> dict[str, float]:
+    """name -> fraction of images whose attribute has its target value (targets[name]: [N] of 0/1),
+    and "all": the fraction with every targeted attribute right. `labels` are the classes the images
+    were made for (size is judged against its class); `images` as `label_attributes` takes them."""
+    unknown = set(targets) - set(ATTRIBUTES)
+    if unknown or not targets:
+        raise ValueError(f"targets name attributes among {', '.join(ATTRIBUTES)}; got {sorted(targets)}.")
+    measured = label_attributes(images, labels)
+    right = {}
+    for name, target in targets.items():
+        target = np.asarray(target)
+        if target.shape != measured[name].shape:
+            raise ValueError(f"targets[{name!r}] has shape {target.shape}; expected one per image, "
+                             f"{measured[name].shape}.")
+        right[name] = measured[name] == target
+    return {name: float(r.mean()) for name, r in right.items()} | {
+        "all": float(np.logical_and.reduce(list(right.values())).mean())}
+
+
+def held_out_rate(images, labels) -> float:
+    """Fraction of images that show a held-out combination of their class (`is_held_out`): for
+    prompts that ask for one, the accuracy on the attribute that training never showed."""
+    measured = label_attributes(images, labels)
+    return float(np.mean([is_held_out(int(y), {n: int(v[i]) for n, v in measured.items()})
+                          for i, y in enumerate(labels)]))
+
+
 @torch.no_grad()
 def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_inference_steps: int = 25,
                       guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 250,
                       classifier: FashionClassifier | None = None, **sampling) -> tuple[dict, torch.Tensor]:
-    """Sample `per_prompt` images for every prompt of a prompt set ('class' or 'held_out') and
+    """Sample `per_prompt` images for every prompt of a prompt set (`captions.PROMPT_SETS`) and
     measure them; returns the metrics and the images (seeded: the same call gives the same dict).
+    The attribute sets add `attribute_accuracy` (name -> accuracy) and `all_attributes_accuracy`,
+    and 'attributes_held_out' `held_out_rate`, the accuracy on the held-out attribute itself.
     `sampling` (e.g. sampler="edm_heun", S_churn=10, eta) goes to `pipe.generate` and into the dict."""
-    from ..data.captions import prompt_set
-
-    texts, labels = prompt_set(prompts)
+    texts, labels, targets = (attribute_prompt_set(prompts) if prompts in ATTRIBUTE_PROMPT_SETS
+                              else (*prompt_set(prompts), {}))
     all_prompts = [p for p in texts for _ in range(per_prompt)]
     all_labels = [y for y in labels for _ in range(per_prompt)]
     gen = torch.Generator().manual_seed(seed)
@@ -140,6 +175,12 @@ def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_i
                                       guidance_scale=guidance_scale, **sampling)
                         for i in range(0, len(all_prompts), batch_size)])
     result = evaluate_images(images, all_labels, classifier, seed)
+    if targets:
+        per_image = {n: np.repeat(t, per_prompt) for n, t in targets.items()}  # in the order of all_prompts
+        accuracy = attribute_accuracy(images, all_labels, per_image)
+        result.update(attribute_accuracy={n: accuracy[n] for n in targets}, all_attributes_accuracy=accuracy["all"])
+    if prompts == "attributes_held_out":
+        result["held_out_rate"] = held_out_rate(images, all_labels)
     result.update(prompts=prompts, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                   **sampling)
     return result, images
