@@ -1,6 +1,8 @@
 """The Trainer on tiny problems, one process on the CPU: exact resume, the NaN guard, checkpoints
 (atomic, safetensors + JSON, refused for another model), logging with and without TensorBoard,
-sample grids, bf16, torch.compile and bad configs. The DDP tests are in test_distributed.py."""
+sample grids, bf16, torch.compile, the DataLoader (workers, datasets of whole batches with captions,
+each rank's micro-batches), activation checkpointing and bad configs. The DDP tests are in
+test_distributed.py, the FSDP ones in test_fsdp.py."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import nn
 from tutorial_lib.models.dit import DiT, DiTConfig
 from tutorial_lib.text.base import TextEmbedding
 from tutorial_lib.train import trainer as trainer_module
-from tutorial_lib.train.common import ShuffledBatches
+from tutorial_lib.train.loader import MicroBatches, ShuffledBatches
 from tutorial_lib.train.trainer import CheckpointError, NonFiniteError, Trainer, TrainerConfig
 
 TINY_DIT = DiTConfig(in_channels=2, input_size=(4, 4), patch_size=2, hidden_size=16, depth=1, num_heads=2,
@@ -347,6 +349,112 @@ def test_torch_compile_inductor(tmp_path):
     assert math.isfinite(history[-1]["loss"])
 
 
+# ----------------------------------------------------------------------------- the DataLoader
+def test_workers_give_the_same_weights(tmp_path):
+    """Worker processes only gather the batches the trainer's data order names: the same run, bit for bit."""
+    runs = [Trainer(mlp(), mse_loss, regression_data(), config(tmp_path / str(workers), num_workers=workers,
+                                                               prefetch_factor=prefetch))
+            for workers, prefetch in ((0, None), (2, None), (2, 1))]
+    histories = [trainer.fit() for trainer in runs]
+    assert histories[1] == histories[0] and histories[2] == histories[0]
+    for trainer in runs[1:]:
+        assert_same_state(trainer.model.state_dict(), runs[0].model.state_dict())
+
+
+class CaptionedVectors:
+    """A map-style dataset whose __getitems__ returns one whole batch: {"x", "caption" (strings), "label"}."""
+
+    def __init__(self, n: int = 16):
+        self.x, self.y = regression_data(n)
+        self.captions = [f"vector number {i}" for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        return {"x": self.x[indices], "y": self.y[indices], "caption": [self.captions[i] for i in indices],
+                "label": torch.tensor(indices)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataset_of_whole_batches_passes_strings_to_the_loss(workers, tmp_path):
+    seen = []
+
+    def loss_fn(model, batch, generator):
+        assert batch["caption"] == [f"vector number {i}" for i in batch["label"].tolist()]
+        seen.extend(batch["caption"])
+        return F.mse_loss(model(batch["x"]), batch["y"])
+
+    Trainer(mlp(), loss_fn, CaptionedVectors(), config(tmp_path, steps=2, num_workers=workers)).fit()
+    assert sorted(seen) == sorted(CaptionedVectors().captions)  # two steps of 8: one epoch of 16
+
+
+def test_workers_and_a_mid_epoch_resume_are_bit_exact(tmp_path):
+    """Workers read ahead of the step, but the checkpoint records the trainer's own data order: a run
+    with 2 workers stopped at step 7 and resumed from step 4, in the middle of an epoch (3 steps per
+    epoch), ends bit for bit where an uninterrupted run without workers ends."""
+    data, cfg = latent_data(), {**RESUME_RUN, "num_workers": 2}
+    torch.manual_seed(0)
+    straight = Trainer(DiT(TINY_DIT), diffusion_loss, data, config(tmp_path / "a", **RESUME_RUN))
+    history = straight.fit()
+    interrupt_at_step_7(tmp_path / "b", **cfg)
+    torch.manual_seed(1)
+    resumed = Trainer(DiT(TINY_DIT), diffusion_loss, data, config(tmp_path / "b", **cfg))
+    assert resumed.load_checkpoint().name == "step_00000004"
+    assert (resumed.batches.epoch, resumed.batches.position) == (1, 8)  # 4 steps of 8 in epochs of 24
+    assert resumed.fit() == history
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    assert_same_state(resumed.ema_model.state_dict(), straight.ema_model.state_dict())
+
+
+def test_micro_batches_of_the_ranks_partition_each_global_batch():
+    """From a mid-epoch state, across an epoch boundary: at each step, rank r's grad_accum_steps
+    micro-batches are column r of the global batch viewed as [accum, ranks, micro-batch]."""
+    order = ShuffledBatches(20, 8, seed=3)  # 2 batches per epoch, 4 examples dropped
+    order.next()
+    accum, world = 2, 2
+    ranks = [iter(MicroBatches(order.state_dict(), accum, rank, world)) for rank in range(world)]
+    for _ in range(4):
+        batch = order.next()
+        micro = [[next(r) for _ in range(accum)] for r in ranks]  # [rank][accum] lists of 2 indices
+        assert sorted(i for rank in micro for m in rank for i in m) == sorted(batch.tolist())
+        assert [[micro[r][a] for r in range(world)] for a in range(accum)] == batch.view(accum, world, -1).tolist()
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+def test_activation_checkpointing_recomputes_blocks_with_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = DiT(dataclasses.replace(TINY_DIT, depth=2))
+    with torch.no_grad():  # off adaLN-Zero's start, so that every block shapes the output
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x0, tokens, mask = latent_data(8)
+    t = torch.rand(8)
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+
+    def loss_and_gradients(checkpointing: bool):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        loss = F.mse_loss(model(x0, t, TextEmbedding(tokens, mask)), x0)
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, len(calls)
+
+    (loss, grads, calls_plain), (loss_ac, grads_ac, calls_ac) = loss_and_gradients(False), loss_and_gradients(True)
+    assert (calls_plain, calls_ac) == (1, 2)  # the block ran again in backward
+    assert torch.equal(loss, loss_ac)
+    for name in grads:  # measured: equal, bit for bit, on the CPU
+        torch.testing.assert_close(grads_ac[name], grads[name], rtol=0, atol=1e-7)
+
+
+def test_the_trainer_switches_activation_checkpointing_on(tmp_path):
+    trainer = Trainer(DiT(TINY_DIT), diffusion_loss, latent_data(), config(tmp_path, activation_checkpointing=True))
+    assert trainer.model.gradient_checkpointing and not trainer.ema_model.gradient_checkpointing
+    with pytest.raises(ValueError, match="activation_checkpointing=True needs a model with a `gradient_check"):
+        Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, activation_checkpointing=True))
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="steps must be >= 1.*schedule must be one of"):
@@ -359,6 +467,15 @@ def test_bad_configs_are_clear_errors(tmp_path):
         TrainerConfig(checkpoint_every=0)
     with pytest.raises(ValueError, match="betas"):
         TrainerConfig(betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        TrainerConfig(num_workers=-1)
+    with pytest.raises(ValueError, match="prefetch_factor.*needs num_workers >= 1"):
+        TrainerConfig(prefetch_factor=4)
+    with pytest.raises(ValueError, match="pin_memory=True speeds up copies to a CUDA GPU"):
+        Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, pin_memory=True, device="cpu"))
+    on_a_device = tuple(t.to("meta") for t in regression_data())  # as data moved to the GPU beforehand
+    with pytest.raises(ValueError, match="on a GPU already.*use num_workers=0"):
+        Trainer(mlp(), mse_loss, on_a_device, config(tmp_path, num_workers=2))
     with pytest.raises(ValueError, match="share their first dimension"):
         Trainer(mlp(), mse_loss, (torch.zeros(8, 4), torch.zeros(7, 2)), config(tmp_path))
     with pytest.raises(ValueError, match="does not fit"):

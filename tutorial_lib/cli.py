@@ -63,10 +63,68 @@ def _cmd_train_vae(a):
                       "shift_factor": vae.config.shift_factor, "weights": str(a.out)}))
 
 
-def _cmd_encode_latents(a):
-    from .data.latents import latent_cache
+def _load_vae(path: Path | None):
+    """The shipped VAE (None), our weights file (.safetensors), or a diffusers AutoencoderKL folder, as
+    our AutoencoderKL (the pipeline's VAE class; a diffusers one converts exactly)."""
+    from .vae.autoencoder import load_vae
 
-    print(latent_cache())
+    if path is None or path.suffix == ".safetensors":
+        return load_vae(path)
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    from .vae.diffusers_interop import from_diffusers
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json) "
+                                "nor a .safetensors file of ours.")
+    return from_diffusers(DiffusersAutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False))
+
+
+def _encode_data(a, info):
+    """Encode --data with --vae into latent shards (each rank its own shards), and with a frozen
+    --text-encoder its captions into an embedding cache beside them; every rank waits for all.
+    Returns (TextToImageRecords, the VAE)."""
+    from .data.shards import DTYPES, LatentShards, encode_shards
+    from .data.sources import Preprocess, SourceSpec
+    from .paths import data_root
+    from .text import text_encoder
+    from .text.embedding_cache import CaptionEmbeddingCache, encode_caption_cache
+    from .train import distributed
+    from .train.records import TextToImageRecords
+
+    vae = _load_vae(a.vae).to(a.device)
+    spec = SourceSpec.resolve(a.data, split=a.split, image_column=a.image_column, text_column=a.text_column,
+                              label_column=a.label_column, limit=a.limit)
+    resize = a.resize or ("center_crop" if a.resolution else "none")
+    preprocess = Preprocess(a.resolution, resize, vae.config.in_channels)
+    root = a.latents_dir or data_root() / "shards"
+    folder = encode_shards(spec, vae, root, preprocess, a.shard_size, DTYPES[a.latent_dtype], rank=info.rank,
+                           world_size=info.world_size)
+    distributed.barrier(info)
+    latents = LatentShards(folder)
+    captions = None
+    encoder = text_encoder(a.text_encoder) if a.text_encoder not in (None, "word") else None
+    if encoder is not None and encoder.frozen:
+        texts = list(latents.captions())
+        cache = folder / f"text-{encoder.cache_key()}"
+        encode_caption_cache(texts, encoder, cache, rank=info.rank, world_size=info.world_size)
+        distributed.barrier(info)
+        captions = CaptionEmbeddingCache(cache, encoder.cache_key(), texts)
+    return TextToImageRecords(latents, captions), vae.cpu()
+
+
+def _cmd_encode_latents(a):
+    from .train import distributed
+
+    if a.data is None:
+        from .data.latents import latent_cache
+
+        print(latent_cache())
+        return
+    records, _ = _encode_data(a, distributed.setup())
+    print(records.latents)
+    if records.captions is not None:
+        print(f"caption embeddings: {records.captions.folder} ({records.captions.index['num_captions']} distinct)")
 
 
 def _load_pipe(a):
@@ -116,8 +174,15 @@ def _evaluate(pipe, a) -> dict:
     for kind in a.prompts.split(","):
         r, _ = evaluate_pipeline(pipe, kind, per_prompt=a.per_prompt, num_inference_steps=a.inference_steps,
                                  guidance_scale=a.guidance_scale, seed=a.seed, **_sampling(a))
-        results[kind] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+        results[kind] = _rounded(r)
     return results
+
+
+def _rounded(value):
+    """Floats to 4 decimals, in nested dicts too (for JSON a person reads)."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -187,7 +252,8 @@ def _train_config(a):
                             posthoc_ema_sigma_rels=a.posthoc_ema, posthoc_snapshot_every=a.posthoc_snapshot_every,
                             mixed_precision=a.mixed_precision, compile=a.compile, seed=a.seed,
                             out_dir=str(a.out / "run"), checkpoint_every=a.checkpoint_every,
-                            device=a.device)
+                            parallelism=a.parallelism, activation_checkpointing=a.activation_checkpointing,
+                            num_workers=a.num_workers, device=a.device)
     kwargs = {"dim": _model_config(a).text_dim} if a.text_encoder == "word" else {}
     return TextToImageConfig(model=_model_config(a), architecture=a.model, text_encoder=a.text_encoder,
                              text_encoder_kwargs=kwargs, objective=objective, trainer=trainer)
@@ -199,20 +265,31 @@ def _cmd_train(a):
     from .pipeline import TextToImagePipeline, start_level
     from .text import text_encoder
     from .train import distributed
+    from .train.records import train_on_records
     from .train.text_to_image import train_text_to_image
 
     cfg = _train_config(a)
     info = distributed.setup()  # join the process group first, so that only rank 0 encodes the cache
-    latents, labels = distributed.main_first(latent_cache, info).tensors("train")
     start = time.perf_counter()
-    trainer = train_text_to_image(cfg, latents, labels, resume=a.resume)
+    if a.data is None:  # Fashion-MNIST with class captions (notebooks 01 and 03)
+        vae = None
+        latents, labels = distributed.main_first(latent_cache, info).tensors("train")
+        start = time.perf_counter()
+        trainer = train_text_to_image(cfg, latents, labels, resume=a.resume)
+    else:
+        a.text_encoder = cfg.text_encoder
+        records, vae = _encode_data(a, info)
+        if not a.config:  # a config file says exactly what to build: train_on_records checks it
+            cfg.model = _fit_latents(cfg, records.latents.latent_shape)
+        start = time.perf_counter()
+        trainer = train_on_records(cfg, records, posterior=a.posterior, resume=a.resume)
     seconds = time.perf_counter() - start
-    if not distributed.setup().is_main:
+    ema = trainer.export_ema()  # every rank takes part; rank 0 gets the model
+    if not info.is_main:
         return None
-    ema = trainer.ema_model.cpu()
     encoder = ema.text_encoder or text_encoder(cfg.text_encoder, **cfg.text_encoder_kwargs)
     o = cfg.objective  # an EDM run's sigma_data, measured when training started, is recorded here
-    pipe = TextToImagePipeline(ema.transformer, encoder, prediction=o.prediction, schedule=o.schedule,
+    pipe = TextToImagePipeline(ema.transformer, encoder, vae, prediction=o.prediction, schedule=o.schedule,
                                zero_terminal_snr=o.zero_terminal_snr, sigma_data=o.sigma_data,
                                sampler=default_sampler(o.noise_schedule(), o.prediction),
                                t_max=start_level(o.prediction, o.noise_schedule()))
@@ -222,6 +299,19 @@ def _cmd_train(a):
     print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
                       "final_loss": round(record["final_loss"], 4)}))
     return pipe
+
+
+def _fit_latents(cfg, shape):
+    """The preset's config for latents of `shape` (C, h, w): presets are sized for the shipped VAE's 4x8x8,
+    so their channels and size follow the VAE given with --data."""
+    import dataclasses
+
+    c, h, w = shape
+    if cfg.architecture == "dit":
+        return dataclasses.replace(cfg.model, in_channels=c, input_size=(h, w))
+    if h != w:
+        raise ValueError(f"The tiny transformer takes square latents; the VAE made {c}x{h}x{w}.")
+    return dataclasses.replace(cfg.model, latent_channels=c, latent_size=h)
 
 
 def _cmd_sample(a):
@@ -353,6 +443,33 @@ def _cmd_demo(a):
     print(f"metrics: {(a.out / 'metrics.json').resolve()}")
 
 
+def _add_data(p):
+    from .data.shards import DTYPES
+    from .data.sources import BUILTINS, RESIZE_POLICIES
+
+    g = p.add_argument_group("data", "any image-caption source, encoded once into latent shards (default, "
+                             "without --data: Fashion-MNIST with class captions from the latent cache)")
+    g.add_argument("--data", help="an imagefolder (images + metadata.jsonl with a caption column), parquet "
+                   f"file(s) or folder, a built-in ({', '.join(BUILTINS)}), or a Hub dataset name (online)")
+    g.add_argument("--split", default="train", help="the split to read (default: %(default)s)")
+    g.add_argument("--image-column", default="image", help="the image column (default: %(default)s)")
+    g.add_argument("--text-column", default="caption", help="the caption column (default: %(default)s)")
+    g.add_argument("--label-column", help="a class-label column to keep with the records (default: none)")
+    g.add_argument("--limit", type=int, help="use the first LIMIT records only")
+    g.add_argument("--resolution", type=int, help="image size before encoding (default: the images' own, "
+                   "which must then all be equal)")
+    g.add_argument("--resize", choices=RESIZE_POLICIES,
+                   help="how images reach --resolution: center_crop (short side, then the centre), resize "
+                   "(aspect not kept), pad (centred on background; Fashion-MNIST's 28 -> 32), none (all "
+                   "must already match) (default: center_crop with --resolution, else none)")
+    g.add_argument("--vae", type=Path, help="a diffusers AutoencoderKL folder, or our .safetensors weights "
+                   "(default: the shipped VAE)")
+    g.add_argument("--latent-dtype", choices=tuple(DTYPES), default="bfloat16",
+                   help="storage dtype of the latent shards (default: %(default)s)")
+    g.add_argument("--shard-size", type=_positive, default=4096, help="records per shard (default: %(default)s)")
+    g.add_argument("--latents-dir", type=Path, help="where encodings live (default: data/shards)")
+
+
 def _add_common(p):
     from .budget import device
 
@@ -402,7 +519,9 @@ def _add_sampling(p):
 
 def _add_eval(p, per_prompt):
     p.add_argument("--prompts", type=_prompt_sets, default="class,held_out",
-                   help="prompt sets, comma-separated: class (one per class), held_out (unseen paraphrases)")
+                   help="prompt sets, comma-separated: class (one per class), held_out (unseen paraphrases), "
+                   "attributes (class + brightness, size, texture), attributes_held_out (combinations held out "
+                   "of training)")
     p.add_argument("--per-prompt", type=int, default=per_prompt, help="samples per prompt (default: %(default)s)"
                    if per_prompt else "samples per prompt (default: by TUTORIAL_BUDGET: 10, 50 or 100)")
 
@@ -449,7 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_train_vae)
 
-    p = sub.add_parser("encode-latents", help="build the latent cache for the shipped VAE")
+    p = sub.add_parser("encode-latents", help="encode Fashion-MNIST (or --data) into latents, once",
+                       description="Without --data: build the Fashion-MNIST latent cache for the shipped VAE. "
+                       "With --data: encode any image-caption source into latent shards keyed by the VAE, the "
+                       "source and the preprocessing (resumable; under torchrun each rank encodes its own "
+                       "shards), and with a frozen --text-encoder its captions into an embedding cache.")
+    _add_data(p)
+    p.add_argument("--text-encoder", help="also cache the captions' embeddings by this frozen encoder "
+                   "(minilm, clip)")
+    _add_common(p)
     p.set_defaults(func=_cmd_encode_latents)
 
     p = sub.add_parser("train", help="train a text-to-image model (notebook 03's DiT or notebook 01's transformer)")
@@ -488,11 +615,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="autocast dtype; fp16 on a GPU only (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--parallelism", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: parameters, gradients "
+                   "and optimizer state sharded across ranks) (default: %(default)s)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each DiT block's activations in backward: less memory, about a third more compute")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes per rank (default: %(default)s: read in the training process)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between checkpoints in OUT/run (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/run's latest checkpoint")
+    p.add_argument("--posterior", action="store_true",
+                   help="with --data: train on samples of the VAE posterior, not its mean")
     p.add_argument("--out", type=Path, default=Path("outputs/model"),
                    help="folder to save the pipeline in (default: %(default)s)")
+    _add_data(p)
     _add_common(p)
     p.set_defaults(func=_cmd_train)
 

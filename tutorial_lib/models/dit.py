@@ -26,6 +26,13 @@ Options beyond the paper, each a config field: 2D RoPE instead of the additive s
 (pos_embed="rope"), QK-norm (qk_norm="layer" or "rms"), grouped-query attention
 (num_kv_heads < num_heads), and cross_attention=False for the paper's adaLN-only conditioning.
 
+Activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost") is a
+switch on the module, not a config field, so configs and saved weights do not depend on it (as
+diffusers' `gradient_checkpointing`): with `model.gradient_checkpointing = True` (the Trainer's
+`activation_checkpointing`), each block keeps only its inputs during a forward that records gradients
+and runs again in backward (`torch.utils.checkpoint`, non-reentrant), so activation memory grows with
+one block instead of `depth` blocks, for about one more forward pass of compute.
+
 Written for this course from the papers. facebookresearch/DiT's code (CC BY-NC) was read, not
 copied; module names (x_embedder, t_embedder, y_embedder, adaLN_modulation, final_layer) follow
 it so readers can map one onto the other.
@@ -38,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..text.base import TextEmbedding, masked_mean
 from .layers import MLP, Attention, modulate, rope_2d, sincos_2d, timestep_embedding
@@ -168,6 +176,8 @@ class DiT(nn.Module):
     """forward(x [B, C, H, W], t [B] in [0, 1], TextEmbedding(tokens [B, L, D_text], mask [B, L]))
     -> [B, C, H, W]. H and W may be any multiples of patch_size."""
 
+    gradient_checkpointing = False  # True: recompute each block in backward (module docstring)
+
     def __init__(self, config: DiTConfig | None = None):
         super().__init__()
         self.config = cfg = config or DiTConfig()
@@ -254,8 +264,10 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(timestep_embedding(t, cfg.frequency_embedding_size).to(dtype))  # [B, D]
         c = t_emb + self.y_embedder(masked_mean(text).to(dtype))  # [B, D_text] -> [B, D]
 
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, c, text, rope)  # [B, N, D]
+            args = (tokens, c, text, rope)
+            tokens = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)  # [B, N, D]
         out = self.final_layer(tokens, c)  # [B, N, p*p*C]
         out = out.reshape(b, h, w, p, p, c_in)  # [B, h, w, p, p, C]
         return torch.einsum("bhwpqc->bchpwq", out).reshape(b, c_in, height, width)  # [B, C, H, W]

@@ -79,10 +79,23 @@ def record_loss_fn(objective: Objective, null: TextEmbedding | None = None, post
     return loss_fn
 
 
+def check_latent_shape(cfg: TextToImageConfig, shape: tuple[int, int, int]):
+    """A clear error unless the denoiser of `cfg` reads latents of `shape` (C, h, w)."""
+    m = cfg.model
+    channels, size = (m.in_channels, tuple(m.input_size)) if cfg.architecture == "dit" else \
+        (m.latent_channels, (m.latent_size, m.latent_size))
+    if (channels, size) != (shape[0], tuple(shape[1:])):
+        raise ValueError(f"The {cfg.architecture} is configured for latents {channels}x{size[0]}x{size[1]} but the "
+                         f"VAE made {shape[0]}x{shape[1]}x{shape[2]}: set its "
+                         f"{'in_channels and input_size' if cfg.architecture == 'dit' else 'latent_channels and latent_size'}"
+                         " to match (the CLI does so), or encode with a VAE of the model's latent shape.")
+
+
 def train_on_records(cfg: TextToImageConfig, records: TextToImageRecords, encoder: TextEncoder | None = None,
                      posterior: bool = False, resume: bool = False, sample_fn=None) -> Trainer:
     """Train on `records` through the same model, objective and Trainer as `train_text_to_image`.
     A frozen `cfg.text_encoder` needs the records' caption embeddings cached; a learned one reads strings."""
+    check_latent_shape(cfg, records.latents.latent_shape)
     model = build(cfg, encoder, per_record=True)
     if (records.captions is None) != (model.text_encoder is not None):
         need = "strings (records without a caption cache)" if model.text_encoder is not None else \

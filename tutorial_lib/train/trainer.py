@@ -3,10 +3,12 @@
 `Trainer(model, loss_fn, data, TrainerConfig(...), sample_fn).fit()` minimises
 `loss_fn(model, batch, generator) -> loss` (or `(loss, {name: value})`). One optimizer step:
 
-    indices <- the next global batch of `batch_size` examples (shuffled epochs, seeded)
-    for each of grad_accum_steps micro-batches (this rank's shard of the global batch):
-        with autocast: loss = loss_fn(model, data[indices], generator)
-        (loss / grad_accum_steps).backward()         # DDP all-reduces gradients on the last one
+    the next global batch of `batch_size` examples (shuffled epochs, seeded) as [grad_accum_steps,
+    ranks, micro-batch]: this rank's column, read by a DataLoader (workers, pinned memory, prefetch)
+    for each of the grad_accum_steps micro-batches:
+        with autocast (not under FSDP): loss = loss_fn(model, micro-batch, generator)
+        (loss / grad_accum_steps).backward()   # DDP all-reduces gradients on the last micro-batch,
+                                               # FSDP reduce-scatters them on each
     loss and metrics, averaged over micro-batches and ranks: not finite -> stop (NonFiniteError)
     clip the gradient norm (unscaled first under fp16): not finite -> stop
     lr <- schedule(step); optimizer step; EMA update
@@ -19,6 +21,20 @@
 one process with grad_accum_steps=2 and two processes (torchrun, see distributed.py) with 1 take
 the same step.
 
+Data: `data` is tensors (or nested tuples / lists / dicts of them), or a map-style dataset whose
+`__getitems__(indices)` returns one whole batch (tensors, and lists of strings such as captions).
+Batches come through a torch DataLoader: `num_workers` processes per rank gather them ahead of the
+step (`prefetch_factor` micro-batches each), into pinned memory on a GPU, and only tensors move to
+the device. Its sampler starts from the data order's state when `fit()` starts and runs ahead; the
+trainer's own copy of the order advances one global batch per step, and that is what a checkpoint
+records, so the read-ahead never changes where a resumed run continues.
+
+Several ranks (torchrun; distributed.py): parallelism="ddp" keeps the whole model on every rank;
+"fsdp" shards parameters, gradients, optimizer moments and the EMA across ranks (FSDP2), with
+bf16 mixed precision done by FSDP itself (the blocks in bfloat16, the rest in float32). In one
+process "fsdp" is plain training (nothing to shard). activation_checkpointing recomputes each
+transformer block in backward (any mode).
+
 A checkpoint, out_dir/checkpoints/step_XXXXXXXX/, holds
     model.safetensors      the model's state_dict
     ema.safetensors        the EMA model's state_dict
@@ -27,19 +43,26 @@ A checkpoint, out_dir/checkpoints/step_XXXXXXXX/, holds
     trainer.json           the rest: step, configs, the optimizer's param groups and non-tensor
                            state, GradScaler state, every rank's RNG states (base64), data order,
                            the history and the scalars not yet logged
-and out_dir/checkpoints/latest names the newest. Nothing is pickled. Each checkpoint is written
-into a temporary directory, flushed to the disk (fsync) and then renamed into place, and `latest` is
-replaced the same way after it, so a crash or a power loss at any moment leaves the previous
-checkpoint and pointer intact. trainer.json records the size and SHA-256 of each tensor file:
-`load_checkpoint()` verifies them, and if the newest checkpoint is missing or damaged it says so and
-falls back to the newest good one.
+and out_dir/checkpoints/latest names the newest. Under FSDP (trainer.json's "kind": "sharded") a
+checkpoint holds instead one shard-XXXXX-model-00001-of-00001.safetensors per rank, with that rank's
+shards of the model, EMA and optimizer state, written and read back by that rank alone, so that no
+rank ever holds the whole state (DCP, see distributed.py), and trainer.json, which names the
+optimizer's parameters and records the tensors' full shapes. Such a checkpoint resumes the run
+(parallelism="fsdp", as many ranks); `export_ema()` gives the whole EMA model to save and share.
+Nothing is pickled. Each checkpoint is written into a temporary directory, flushed to the disk
+(fsync) and then renamed into place, and `latest` is replaced the same way after it, so a crash or
+a power loss at any moment leaves the previous checkpoint and pointer intact. trainer.json records
+the size and SHA-256 of each tensor file: `load_checkpoint()` verifies them (each rank hashing its
+share of the files), and if the newest checkpoint is missing or damaged it says so and falls back to
+the newest good one.
 
 Resume (`load_checkpoint`) is exact: weights, EMA (and post-hoc EMAs), optimizer moments, the step
 (the learning rate is a function of the step, so there is no scheduler state beyond it), the RNG
 states of every rank (torch's global CPU and CUDA generators and loss_fn's generator) and the
 position in the data order. A run stopped and resumed ends bit for bit where an uninterrupted run
 ends, as long as loss_fn takes its randomness from the generator it is given or torch's global RNG
-(not from Python's `random` or NumPy).
+(not from Python's `random` or NumPy), and a dataset's __getitems__ draws none (its workers' RNGs
+are not checkpointed).
 
 Post-hoc EMA (EDM2; ema.py), off by default: with posthoc_ema_sigma_rels=(0.05, 0.10) the trainer
 tracks those power-function EMAs and saves them every posthoc_snapshot_every steps (and after the
@@ -52,6 +75,7 @@ writes them again, bit for bit the same; a fresh run drops them all. After train
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import hashlib
 import json
@@ -60,7 +84,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,15 +93,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..weights import atomic_write, flush, publish
 from . import distributed
-from .common import ShuffledBatches, warmup_cosine
+from .common import warmup_cosine
 from .ema import EMA, MAX_SIGMA_REL, SNAPSHOT_NAME, PowerEMA
+from .loader import Gathered, MicroBatches, ShuffledBatches, in_cpu_memory, tree_map, whole_batch
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
+PARALLELISMS = ("ddp", "fsdp")
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 CHECKPOINT_FILES = (*TENSOR_FILES, "trainer.json")
 POSTHOC_FILE = "posthoc_ema.safetensors"  # in checkpoints of runs with posthoc_ema_sigma_rels
@@ -112,7 +140,13 @@ class TrainerConfig:
     # and the steps between their snapshots in out_dir/posthoc_ema. None: off.
     posthoc_ema_sigma_rels: tuple[float, ...] | None = None
     posthoc_snapshot_every: int | None = None
-    mixed_precision: str = "no"  # "no" | "bf16" (CPU or GPU) | "fp16" (GPU only, with a GradScaler)
+    mixed_precision: str = "no"  # "no" | "bf16" (CPU or GPU) | "fp16" (GPU only, with a GradScaler; not with FSDP)
+    # With several ranks: "ddp" (every rank holds the whole model) or "fsdp" (shards; distributed.py).
+    parallelism: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block in backward (models with `gradient_checkpointing`)
+    num_workers: int = 0  # DataLoader worker processes per rank; 0: batches are read in the training process
+    prefetch_factor: int | None = None  # micro-batches each worker reads ahead (workers only); None: 2
+    pin_memory: bool | None = None  # page-locked batches, copied to the GPU asynchronously; None: on CUDA (CPU data)
     compile: bool = False  # torch.compile the model that trains (the EMA copy stays eager)
     compile_backend: str = "inductor"
     log_every: int = 50  # steps per history record (the means over those steps)
@@ -147,6 +181,18 @@ class TrainerConfig:
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.mixed_precision in PRECISIONS,
              f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}"),
+            (self.parallelism in PARALLELISMS,
+             f"parallelism must be one of {PARALLELISMS}, got {self.parallelism!r}"),
+            (self.parallelism != "fsdp" or self.mixed_precision != "fp16",
+             "parallelism='fsdp' takes mixed_precision 'bf16' or 'no', not 'fp16' (it would need a GradScaler "
+             "over sharded gradients)"),
+            (self.parallelism != "fsdp" or sigma_rels is None,
+             "posthoc_ema_sigma_rels is not supported with parallelism='fsdp' (its snapshots are whole "
+             "models); use parallelism='ddp'"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers >= 1),
+             f"prefetch_factor (micro-batches each worker reads ahead) must be >= 1 and needs num_workers "
+             f">= 1, got prefetch_factor={self.prefetch_factor} with num_workers={self.num_workers}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (sigma_rels is None or (len(sigma_rels) >= 1 and len(set(sigma_rels)) == len(sigma_rels)
                                     and all(0 < s < MAX_SIGMA_REL for s in sigma_rels)),
@@ -178,17 +224,21 @@ class Trainer:
         micro-batch, mean-reduced. `model` is the module to call (wrapped by DDP or torch.compile:
         use `trainer.model` for its attributes). `generator` is a seeded CPU torch.Generator, one
         per rank, for every random draw (noise, timesteps, caption dropout). Metrics must have the
-        same names at every call.
-    data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, or an
-        object with __len__ whose __getitem__ takes a LongTensor of indices.
+        same names at every call. Under FSDP with bf16 the blocks run in bfloat16 (distributed.shard):
+        take the loss in float32, `model(...).float()`.
+    data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, an
+        object with __len__ whose __getitem__ takes a LongTensor of indices, or a map-style dataset
+        with __len__ and __getitems__(list of indices) -> one whole batch (tensors, lists of strings).
     sample_fn(ema_model, step) -> images [N, C, H, W] in [-1, 1], optional: called on rank 0 under
-        torch.no_grad, with the RNG states forked so that sampling never changes training.
+        torch.no_grad, with the RNG states forked so that sampling never changes training (under
+        FSDP with the EMA that `export_ema()` gathers, on rank 0's device).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, config: TrainerConfig | None = None,
                  sample_fn: Callable | None = None):
         self.cfg = cfg = config or TrainerConfig()
-        self.loss_fn, self.data, self.sample_fn = loss_fn, data, sample_fn
+        self.loss_fn, self.sample_fn = loss_fn, sample_fn
+        self.dataset = data if hasattr(data, "__getitems__") else Gathered(data)
         self.dist = distributed.setup()
         self.device = torch.device(cfg.device) if cfg.device else self.dist.default_device()
         cuda = self.device.type == "cuda"
@@ -199,11 +249,24 @@ class Trainer:
                              "use 'bf16' or 'no' on the CPU.")
         if cfg.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise ValueError("This GPU does not support bfloat16; use mixed_precision='fp16' or 'no'.")
+        on_cpu = in_cpu_memory(data)
+        self.pin_memory = cuda and on_cpu if cfg.pin_memory is None else cfg.pin_memory
+        if self.pin_memory and not cuda:
+            raise ValueError(f"pin_memory=True speeds up copies to a CUDA GPU; this trainer runs on {self.device}. "
+                             "Use pin_memory=None or False.")
+        if not on_cpu and (cfg.num_workers or self.pin_memory):
+            raise ValueError("The data's tensors are on a GPU already: they are indexed in the training process, so "
+                             "use num_workers=0 and pin_memory=None or False (workers and pinned memory serve data "
+                             "in CPU memory).")
+        switches = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        if cfg.activation_checkpointing and not switches:
+            raise ValueError(f"activation_checkpointing=True needs a model with a `gradient_checkpointing` switch "
+                             f"(DiT has one); {type(model).__name__} has none.")
         shards = cfg.grad_accum_steps * self.dist.world_size
         if cfg.batch_size % shards:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps x ranks "
                              f"= {cfg.grad_accum_steps} x {self.dist.world_size}.")
-        self.batches = ShuffledBatches(num_examples(data), cfg.batch_size, cfg.seed)
+        self.batches = ShuffledBatches(len(self.dataset), cfg.batch_size, cfg.seed)  # the order checkpoints record
 
         # Randomness, per rank: torch's global RNG (dropout, say) and loss_fn's generator, whose
         # seed is drawn from the former so that one seed gives two independent streams.
@@ -211,11 +274,25 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
         self.model = model.to(self.device).train()  # the module itself: checkpoints and EMA use it
-        self.net = distributed.wrap(self.model, self.dist, self.device)  # what loss_fn calls
+        self._model_record = _model_record(model)  # before FSDP renames its class (DiT -> FSDPDiT)
+        self.sharded = cfg.parallelism == "fsdp" and self.dist.enabled  # one process: nothing to shard
+        if self.sharded:
+            distributed.broadcast_module(self.model, self.dist)  # rank 0's initial weights, as DDP's
+            self.net = self.model  # what loss_fn calls; sharded in place below
+        else:
+            self.net = distributed.wrap(self.model, self.dist, self.device)  # DDP (it broadcasts) or the model
         # On every micro-batch but the last, DDP skips its all-reduce and gradients just accumulate.
-        self._no_sync = self.net.no_sync if self.dist.enabled else nullcontext
-        self.ema = EMA(self.model, cfg.ema_decay)  # after DDP's broadcast: every rank starts alike
+        # FSDP reduce-scatters on every micro-batch instead: unsharded gradients would cost the memory it saves.
+        self._no_sync = self.net.no_sync if self.dist.enabled and not self.sharded else nullcontext
+        self.ema = EMA(self.model, cfg.ema_decay)  # after the broadcast: every rank starts alike
         self.posthoc_ema = PowerEMA(self.model, cfg.posthoc_ema_sigma_rels) if cfg.posthoc_ema_sigma_rels else None
+        if self.sharded:
+            self._skeleton = copy.deepcopy(self.model).to("meta")  # what export_ema fills; no memory
+            bf16 = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+            distributed.shard(self.model, self.device, param_dtype=bf16)
+            distributed.shard(self.ema.model, self.device)  # the same shards: each rank averages its own
+        for switch in switches if cfg.activation_checkpointing else []:
+            switch.gradient_checkpointing = True  # the live model's only: the EMA never runs backward
         if cfg.compile:
             self.net = torch.compile(self.net, backend=cfg.compile_backend)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -234,8 +311,24 @@ class Trainer:
 
     @property
     def ema_model(self) -> nn.Module:
-        """The EMA of the weights (eval mode): what to sample with."""
+        """The EMA of the weights (eval mode): what to sample with. Under FSDP it is sharded (every
+        forward is a collective): take `export_ema()` to sample or save."""
         return self.ema.model
+
+    def export_ema(self) -> nn.Module | None:
+        """A plain (unsharded) copy of the EMA model on the CPU, in eval mode, on rank 0; None on the
+        other ranks. Every rank must call it: under FSDP it gathers the EMA's shards, once, onto rank
+        0's CPU (the only time the whole EMA is assembled)."""
+        if not self.sharded:
+            return copy.deepcopy(self.ema.model).cpu() if self.dist.is_main else None
+        state = distributed.full_state_dict(self.ema.model)
+        if not self.dist.is_main:
+            return None
+        model = copy.deepcopy(self._skeleton).to_empty(device="cpu")
+        for name, buffer in self.model.named_buffers():  # with the non-persistent ones state_dict omits
+            model.get_buffer(name).copy_(buffer)
+        model.load_state_dict(state)
+        return model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self) -> list[dict]:
@@ -251,9 +344,10 @@ class Trainer:
         self.model.train()
         writer = self._tensorboard() if main else None
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not main)
+        micro_batches = iter(self._loader())  # from the data order's state now (after a resume, the restored one)
         try:
             while self.step < cfg.steps:
-                self._add_pending(self._train_step())
+                self._add_pending(self._train_step(micro_batches))
                 bar.update()
                 done = self.step == cfg.steps
                 if _due(self.step, cfg.log_every, done):
@@ -267,23 +361,34 @@ class Trainer:
                 if _due(self.step, cfg.checkpoint_every, done):
                     self.save_checkpoint()
         finally:
+            if hasattr(micro_batches, "_shutdown_workers"):  # stop the DataLoader's workers now, not when collected
+                micro_batches._shutdown_workers()
             bar.close()
             if writer is not None:
                 writer.close()
         return self.history
 
-    def _train_step(self) -> dict[str, float]:
-        """One optimizer step; its scalars (loss, metrics, grad_norm, lr), the same on every rank."""
+    def _loader(self) -> DataLoader:
+        """This rank's micro-batches, forever, from the data order's current state (module docstring)."""
+        cfg = self.cfg
+        sampler = MicroBatches(self.batches.state_dict(), cfg.grad_accum_steps, self.dist.rank, self.dist.world_size)
+        # Its own generator: the loader draws its workers' seeds from it, not from torch's global RNG.
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=whole_batch, num_workers=cfg.num_workers,
+                          prefetch_factor=cfg.prefetch_factor, pin_memory=self.pin_memory,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+
+    def _train_step(self, micro_batches) -> dict[str, float]:
+        """One optimizer step over the next grad_accum_steps of `micro_batches` (`_loader`'s); its
+        scalars (loss, metrics, grad_norm, lr), the same on every rank."""
         cfg, accum = self.cfg, self.cfg.grad_accum_steps
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # The global batch as [accum, ranks, micro-batch]: this rank takes column `rank`.
-        shards = self.batches.next().view(accum, self.dist.world_size, -1)[:, self.dist.rank]
+        self.batches.next()  # the order a checkpoint records: the batch that the loader's copy yields now
         total = 0.0
-        for i, idx in enumerate(shards):
-            batch = _tree_map(lambda t: t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t,
-                              _tree_map(lambda leaf: leaf[idx], self.data))
+        for i in range(accum):
+            batch = tree_map(lambda t: t.to(self.device, non_blocking=self.pin_memory) if torch.is_tensor(t) else t,
+                              next(micro_batches))
             with self._no_sync() if i < accum - 1 else nullcontext():
                 with self._autocast():
                     loss, metrics = self._loss(batch)
@@ -299,7 +404,10 @@ class Trainer:
 
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf).item()
+        # FSDP: each rank's norm is of its shards; full_tensor combines them into the whole gradient's.
+        norm = distributed.full_tensor(nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip or math.inf, norm)
+        grad_norm = norm.item()
         if self.scaler:  # a non-finite norm under fp16: the scaler skips this step and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -326,7 +434,7 @@ class Trainer:
         return loss, metrics
 
     def _autocast(self):
-        if self.cfg.mixed_precision == "no":
+        if self.cfg.mixed_precision == "no" or self.sharded:  # FSDP casts the weights itself (distributed.shard)
             return nullcontext()
         dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -380,12 +488,13 @@ class Trainer:
 
     @torch.no_grad()
     def _sample(self, writer):
+        ema = self.export_ema() if self.sharded else self.ema.model  # FSDP: every rank helps gather it
         if not self.dist.is_main:
             return
         import torchvision
 
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            images = self.sample_fn(self.ema.model, self.step)  # [N, C, H, W] in [-1, 1]
+            images = self.sample_fn(ema.to(self.device), self.step)  # [N, C, H, W] in [-1, 1]
         images = images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
         grid = torchvision.utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))))  # [3, H', W']
         path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
@@ -420,51 +529,81 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step_XXXXXXXX and point `latest` at it; its path on rank 0, else None.
 
-        Every rank must call this (each one's RNG states are gathered); rank 0 writes.
+        Every rank must call this: each one's RNG states are gathered, and under FSDP each rank writes
+        its own shards. Rank 0 writes the rest.
         """
         gathered = {name: distributed.all_gather(t, self.dist) for name, t in self._rng_state().items()}
         rng = [{name: _b64(ranks[r]) for name, ranks in gathered.items()}
                for r in range(self.dist.world_size)]
-        path = self._write_checkpoint(rng) if self.dist.is_main else None
+        name = f"step_{self.step:08d}"
+        tmp = self.checkpoint_dir / f".{name}.tmp"
+        main = self.dist.is_main
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write's
+            tmp.mkdir(parents=True)
+        try:
+            entries = self._write_tensors(tmp)
+            path = self._publish(tmp, name, {**entries, "rng": rng}) if main else None
+        finally:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
         distributed.barrier(self.dist)  # on return, the checkpoint exists for every rank
         return path
 
-    def _write_checkpoint(self, rng: list[dict]) -> Path:
-        optimizer_tensors, optimizer_rest = _flatten_optimizer(self.optimizer.state_dict())
+    def _write_tensors(self, tmp: Path) -> dict:
+        """Write the tensor files into `tmp`; on rank 0, trainer.json's entries that describe them."""
+        if self.sharded:
+            distributed.barrier(self.dist)  # rank 0 has made tmp
+            tensors, optimizer = self._sharded_state()
+            distributed.save_sharded(tensors, tmp)
+            names = sorted(p.name for p in tmp.iterdir())
+            share = {n: _file_record(tmp / n) for n in names[self.dist.rank::self.dist.world_size]}
+            files = {n: r for part in distributed.all_gather_json(share, self.dist) for n, r in part.items()}
+            shapes = {k: list(v.shape) for k, v in tensors["model"].items()}
+            return {"kind": "sharded", "files": files, "optimizer": optimizer, "shapes": shapes}
+        if not self.dist.is_main:
+            return {}
+        optimizer_tensors, optimizer = _flatten_optimizer(self.optimizer.state_dict())
+        save_file(_cpu(self.model.state_dict()), tmp / "model.safetensors")
+        save_file(_cpu(self.ema.model.state_dict()), tmp / "ema.safetensors")
+        save_file(_cpu(optimizer_tensors), tmp / "optimizer.safetensors")
+        if self.posthoc_ema is not None:
+            save_file(_cpu(self.posthoc_ema.state_dict()), tmp / POSTHOC_FILE)
+        files = TENSOR_FILES + ((POSTHOC_FILE,) if self.posthoc_ema is not None else ())
+        return {"kind": "safetensors", "files": {f: _file_record(tmp / f) for f in files}, "optimizer": optimizer}
+
+    def _sharded_state(self) -> tuple[dict, dict]:
+        """FSDP: this rank's shards (DTensors) of the model, the EMA and the optimizer state, for DCP to
+        write or to read into, and the optimizer's JSON-able rest (its parameters named)."""
+        optimizer, rest = _flatten_optimizer(get_optimizer_state_dict(self.model, self.optimizer))
+        model, ema = get_model_state_dict(self.model), get_model_state_dict(self.ema.model)
+        return {"model": model, "ema": ema, "optimizer": optimizer}, rest
+
+    def _publish(self, tmp: Path, name: str, entries: dict) -> Path:
+        """Rank 0: write trainer.json beside the tensor files in `tmp`, flush them all to the disk, rename
+        `tmp` to checkpoints/`name` and point `latest` at it."""
         meta = {
             "format": FORMAT,
             "step": self.step,
             "config": dataclasses.asdict(self.cfg),
-            "model": _model_record(self.model),
+            "model": self._model_record,
             "world_size": self.dist.world_size,
             "data_order": self.batches.state_dict(),
-            "optimizer": optimizer_rest,
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": rng,  # per rank
             "history": self.history,
             "pending": self._pending,
+            **entries,  # kind, files, optimizer (the param groups and non-tensor state), rng (per rank)
         }
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step_{self.step:08d}"
+        (tmp / "trainer.json").write_text(json.dumps(meta))
+        for f in (*meta["files"], "trainer.json"):
+            flush(tmp / f)
         final = self.checkpoint_dir / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.checkpoint_dir))
         old = tmp.with_name(tmp.name + ".old")
-        tensor_files = TENSOR_FILES + ((POSTHOC_FILE,) if self.posthoc_ema is not None else ())
+        if final.exists():  # this step was saved before (a run resumed from an older checkpoint)
+            os.replace(final, old)
         try:
-            save_file(_cpu(self.model.state_dict()), tmp / "model.safetensors")
-            save_file(_cpu(self.ema.model.state_dict()), tmp / "ema.safetensors")
-            save_file(optimizer_tensors, tmp / "optimizer.safetensors")
-            if self.posthoc_ema is not None:
-                save_file(_cpu(self.posthoc_ema.state_dict()), tmp / POSTHOC_FILE)
-            meta["files"] = {f: _file_record(tmp / f) for f in tensor_files}
-            (tmp / "trainer.json").write_text(json.dumps(meta))
-            for f in (*tensor_files, "trainer.json"):
-                flush(tmp / f)
-            if final.exists():  # this step was saved before (a run resumed from an older checkpoint)
-                os.replace(final, old)
             publish(tmp, final, mode=0o777)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
         atomic_write(self.checkpoint_dir / "latest", lambda p: Path(p).write_text(name + "\n"))
         self._prune()
@@ -498,30 +637,39 @@ class Trainer:
 
         The files are verified against the sizes and SHA-256 that trainer.json records. The model
         must have the checkpoint's class, config and tensor shapes; batch_size, seed, the data set's
-        size and the number of ranks must match (the data order and each rank's RNG streams depend
-        on them). Other config fields may change (train longer, another lr), at the price of
-        bit-exactness. Every check runs before anything is loaded.
+        size, the number of ranks and the checkpoint's kind (FSDP's shards or whole files) must match
+        (the data order and each rank's RNG streams depend on them). Other config fields may change
+        (train longer, another lr), at the price of bit-exactness. Every check runs before anything
+        is loaded. Every rank must call this.
         """
         if str(path) == "latest":
             path, meta = self._newest_good()
         else:
             path = Path(path)
-            meta = verify_checkpoint(path)
+            meta = self._verified(path)
         self._check_compatible(path, meta)
         try:
             self.batches.load_state_dict(meta["data_order"])
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
 
-        device = str(self.device)
-        self.model.load_state_dict(load_file(path / "model.safetensors", device=device))
-        self.ema.model.load_state_dict(load_file(path / "ema.safetensors", device=device))
-        # On the CPU: load_state_dict moves the moments to each parameter's device but leaves AdamW's
-        # step counters where they are, and on a GPU they would cost a host sync per parameter per step.
-        optimizer_tensors = load_file(path / "optimizer.safetensors")
-        self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
+        if self.sharded:
+            tensors, _ = self._sharded_state()  # this rank's shards, which DCP reads into
+            distributed.load_sharded(tensors, path)
+            set_model_state_dict(self.model, tensors["model"])
+            set_model_state_dict(self.ema.model, tensors["ema"])
+            set_optimizer_state_dict(self.model, self.optimizer,
+                                     _unflatten_optimizer(tensors["optimizer"], meta["optimizer"], param_key=str))
+        else:
+            device = str(self.device)
+            self.model.load_state_dict(load_file(path / "model.safetensors", device=device))
+            self.ema.model.load_state_dict(load_file(path / "ema.safetensors", device=device))
+            # On the CPU: load_state_dict moves the moments to each parameter's device but leaves AdamW's step
+            # counters where they are, and on a GPU they would cost a host sync per parameter per step.
+            optimizer_tensors = load_file(path / "optimizer.safetensors")
+            self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
         if self.posthoc_ema is not None:
-            self.posthoc_ema.load_state_dict(load_file(path / POSTHOC_FILE, device=device))
+            self.posthoc_ema.load_state_dict(load_file(path / POSTHOC_FILE, device=str(self.device)))
         if self.scaler and meta["grad_scaler"]:
             self.scaler.load_state_dict(meta["grad_scaler"])
         self.step, self.history, self._pending = meta["step"], meta["history"], meta["pending"]
@@ -550,7 +698,7 @@ class Trainer:
         problems = []
         for path in candidates:
             try:
-                meta = verify_checkpoint(path)
+                meta = self._verified(path)
             except CheckpointError as err:
                 problems.append(str(err))
                 _warn(f"Skipping a damaged checkpoint: {err}")
@@ -560,17 +708,39 @@ class Trainer:
             return path, meta
         raise CheckpointError(f"No usable checkpoint in {self.checkpoint_dir}: " + " ".join(problems))
 
+    def _verified(self, path: Path) -> dict:
+        """`verify_checkpoint(path)` with the hashing shared by the ranks (each hashes its share of the
+        files) and one verdict for all: a checkpoint damaged for one rank is damaged for every rank."""
+        try:
+            meta, problem = verify_checkpoint(path, self.dist.rank, self.dist.world_size), None
+        except CheckpointError as err:
+            meta, problem = None, err
+        if not distributed.all_true(problem is None, self.dist):
+            raise problem or CheckpointError(f"{path}: another rank found it damaged (its message says how).")
+        return meta
+
     def _check_compatible(self, path: Path, meta: dict):
-        saved, ours = meta["model"], _model_record(self.model)
+        if meta["world_size"] != self.dist.world_size:
+            raise CheckpointError(f"{path} was written by {meta['world_size']} processes and this run has "
+                                  f"{self.dist.world_size}: each rank's RNG streams are restored, so resume "
+                                  f"with the same number (torchrun --nproc_per_node {meta['world_size']}).")
+        kind, ours = meta.get("kind", "safetensors"), "sharded" if self.sharded else "safetensors"
+        if kind != ours:
+            raise CheckpointError(f"{path} holds a {kind} checkpoint and this run writes {ours} ones: resume "
+                                  f"with parallelism={'fsdp' if kind == 'sharded' else 'ddp'!r}, as it was written.")
+        saved, ours = meta["model"], self._model_record
         if saved != ours:
             a, b = saved["config"] or {}, ours["config"] or {}
             diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
             raise CheckpointError(f"{path} holds a {saved['class']} and this trainer's model is a "
                                   f"{ours['class']}; their configs differ in (checkpoint, this model): "
                                   f"{diff}.")
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            saved_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        if kind == "sharded":
+            saved_shapes = meta["shapes"]
+        else:
+            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                saved_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}  # full shapes, also of DTensors
         if saved_shapes != shapes:
             bad = sorted(k for k in set(saved_shapes) | set(shapes) if saved_shapes.get(k) != shapes.get(k))
             pairs = {k: (saved_shapes.get(k), shapes.get(k)) for k in bad[:5]}
@@ -585,19 +755,17 @@ class Trainer:
                                   f"{saved} and this run has {ours}: a power-function EMA averages from step 1 "
                                   "on one grid of snapshots, so it cannot start or change mid-run. Resume "
                                   f"with {saved}, or start a new run in another out_dir.")
-        if meta["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{path} was written by {meta['world_size']} processes and this run has "
-                                  f"{self.dist.world_size}: each rank's RNG streams are restored, so resume "
-                                  f"with the same number (torchrun --nproc_per_node {meta['world_size']}).")
 
 
 # ---------------------------------------------------------------------------------- helpers
-def verify_checkpoint(path: str | Path) -> dict:
+def verify_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dict:
     """trainer.json of the checkpoint at `path`, once its files are all there and the tensor files have
-    the size and SHA-256 it records; else a CheckpointError that says what is wrong."""
+    the size and SHA-256 it records; else a CheckpointError that says what is wrong. Of world_size
+    ranks, rank `rank` checks the size of every file and the SHA-256 of its share (every
+    world_size-th file, from its rank on)."""
     path = Path(path)
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-    if missing:
+    if not (path / "trainer.json").is_file():
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
         raise CheckpointError(f"{path} is not a checkpoint (missing {', '.join(missing)}).")
     try:
         meta = json.loads((path / "trainer.json").read_text())
@@ -606,10 +774,15 @@ def verify_checkpoint(path: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") not in READS:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: checkpoint format {found}, this trainer reads {READS}.")
-    for name, want in meta.get("files", {}).items():
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} is not a checkpoint (missing {name}).")
-        got = _file_record(path / name)
+    files = meta.get("files") or dict.fromkeys(TENSOR_FILES)  # format 1 recorded no sizes or digests
+    missing = [name for name in files if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint (missing {', '.join(missing)}).")
+    for i, (name, want) in enumerate(sorted(files.items())):
+        if want is None:
+            continue
+        size_only = {"bytes": (path / name).stat().st_size, "sha256": want["sha256"]}
+        got = _file_record(path / name) if i % world_size == rank else size_only
         if got != want:
             what = "size" if got["bytes"] != want["bytes"] else "SHA-256"
             raise CheckpointError(f"{path}/{name} is damaged: its {what} differs from the one recorded "
@@ -635,25 +808,6 @@ def _due(step: int, every: int | None, last: bool) -> bool:
     return every is not None and (step % every == 0 or last)
 
 
-def _tree_map(fn, tree):
-    """`fn` applied to every leaf of nested tuples (named ones too), lists and dicts."""
-    if isinstance(tree, dict):
-        return {k: _tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_tree_map(fn, v) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return fn(tree)
-
-
-def num_examples(data) -> int:
-    """The number of examples in `data`: the length every leaf shares (a clear error if they differ)."""
-    lengths = []
-    _tree_map(lambda leaf: lengths.append(len(leaf)), data)
-    if not lengths or len(set(lengths)) != 1:
-        raise ValueError(f"The data's tensors must share their first dimension, got lengths {lengths}.")
-    return lengths[0]
-
-
 def _model_record(model: nn.Module) -> dict:
     """The model's class name and config (JSON-normalised: tuples become lists), or None for no config."""
     config = getattr(model, "config", None)
@@ -667,20 +821,22 @@ def _cpu(tensors: dict) -> dict[str, torch.Tensor]:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state_dict as (its tensors keyed "<parameter index>.<name>", the JSON-able rest)."""
+    """An optimizer's state_dict as (its tensors keyed "<parameter>.<name>", the JSON-able rest); the
+    parameter is an index (optimizer.state_dict) or a name (get_optimizer_state_dict, under FSDP)."""
     tensors, scalars = {}, {}
-    for index, param_state in state["state"].items():
+    for param, param_state in state["state"].items():
         for name, value in param_state.items():
-            (tensors if torch.is_tensor(value) else scalars)[f"{index}.{name}"] = value
-    return _cpu(tensors), {"param_groups": state["param_groups"], "scalars": scalars}
+            (tensors if torch.is_tensor(value) else scalars)[f"{param}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    """The inverse of `_flatten_optimizer`: a state_dict for optimizer.load_state_dict."""
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict, param_key=int) -> dict:
+    """The inverse of `_flatten_optimizer`: a state_dict for optimizer.load_state_dict (param_key=int)
+    or set_optimizer_state_dict (param_key=str)."""
     state = {}
     for key, value in [*tensors.items(), *rest["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        param, name = key.rsplit(".", 1)  # a parameter's name has dots, a state's name none
+        state.setdefault(param_key(param), {})[name] = value
     # JSON turned tuples (AdamW's betas) into lists.
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
               for group in rest["param_groups"]]

@@ -1,0 +1,302 @@
+"""The Trainer under FSDP2 (parallelism="fsdp"): 2 CPU processes on the gloo backend, started as
+torchrun would start them, training a tiny DiT (two blocks, so two FSDP units and the root).
+
+(a) Two ranks with micro-batches of 4 take the same steps as one process accumulating the same two
+    micro-batches of the global batch of 8 (the loss's noise and t are part of the data, so both see
+    the same numbers), bit for bit in float32 as under DDP: FSDP's reduce-scatter computes
+    (g0 + g1) / 2, the one process g0 / 2 + g1 / 2, and both are exact roundings of the same sum
+    (the gradient norm, summed from the shards, differs in the last bits).
+    With bf16 (the blocks' parameters gathered in bfloat16) the losses stay within BF16_LOSS of the
+    float32 run's.
+(b) Activation checkpointing gives the same losses, bit for bit (under DDP too).
+(c) A run stopped at step 5 and resumed from its step-3 checkpoint, with fresh weights and RNGs,
+    ends bit for bit where the uninterrupted run ends (loss history, every rank's shards of the
+    weights, the EMA and the optimizer moments).
+(d) The checkpoint folder holds trainer.json and one safetensors shard file per rank, each with
+    half of every tensor: no full-model file, no pickle. Rank 1 hashes the second shard file when
+    loading; when it is damaged, both ranks skip that checkpoint for the previous one.
+(e) export_ema() on rank 0 is a plain CPU model equal to a one-process run's EMA, bit for bit;
+    None on rank 1. sample_fn gets such a plain model on rank 0.
+(f) A batch that the ranks do not divide is a clear error, under DDP and FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from tests.test_distributed import WORLD, spawn
+from tests.test_trainer import assert_same_state
+from tutorial_lib.models.dit import DiT, DiTConfig
+from tutorial_lib.text.base import TextEmbedding
+from tutorial_lib.train import distributed
+from tutorial_lib.train.trainer import Trainer, TrainerConfig
+
+TINY = DiTConfig(in_channels=2, input_size=(4, 4), patch_size=2, hidden_size=16, depth=2, num_heads=2,
+                 text_dim=8, frequency_embedding_size=16)
+# Measured over 6 steps: at most 4.8e-5 (only the blocks run in bfloat16, and their adaLN-Zero gates start at 0).
+BF16_LOSS = 1e-3  # relative to the float32 run's losses
+
+
+def data(n: int = 32):
+    """(latents [n, 2, 4, 4], caption tokens [n, 3, 8], mask [n, 3], t [n], noise [n, 2, 4, 4])."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(n, 3, generator=g) < 0.7
+    mask[:, 0] = True  # every caption has a token
+    return (torch.randn(n, 2, 4, 4, generator=g), torch.randn(n, 3, 8, generator=g), mask,
+            torch.rand(n, generator=g), torch.randn(n, 2, 4, 4, generator=g))
+
+
+def tiny_dit(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(TINY)
+
+
+def x0_loss(model, x0, tokens, mask, t, noise):
+    a, s = torch.cos(t * math.pi / 2)[:, None, None, None], torch.sin(t * math.pi / 2)[:, None, None, None]
+    return F.mse_loss(model(a * x0 + s * noise, t, TextEmbedding(tokens, mask)).float(), x0)
+
+
+def fixed_noise_loss(model, batch, generator):
+    """t and the noise come with each example: any split of a batch over ranks sees the same numbers."""
+    return x0_loss(model, *batch)
+
+
+def drawn_noise_loss(model, batch, generator):
+    """t and the noise drawn from each rank's generator: resume must restore every rank's stream."""
+    x0, tokens, mask, _, _ = batch
+    return x0_loss(model, x0, tokens, mask, torch.rand(len(x0), generator=generator),
+                   torch.randn(x0.shape, generator=generator))
+
+
+def run_config(out_dir: Path, **overrides) -> TrainerConfig:
+    base = dict(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9, log_every=1, checkpoint_every=None,
+                out_dir=str(out_dir), tensorboard=False, parallelism="fsdp")
+    return TrainerConfig(**{**base, **overrides})
+
+
+def local_shards(module) -> dict[str, torch.Tensor]:
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()}
+
+
+def _worker(rank: int, port: int, root: str):
+    """One rank of every FSDP run; results to root/rank{rank}.json, whole tensors (rank 0) to safetensors."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    root, out = Path(root), {}
+    try:
+        samples = []
+
+        def sample_fn(ema_model, step):
+            samples.append([step, type(ema_model).__name__, ema_model.training,
+                            any(isinstance(p, DTensor) for p in ema_model.parameters())])
+            return torch.zeros(1, 1, 4, 4)
+
+        # (a), (d), (e): float32, a checkpoint and a sample grid after step 6; each rank built other weights.
+        fp32 = Trainer(tiny_dit(seed=rank), fixed_noise_loss, data(), run_config(root / "fp32", checkpoint_every=6,
+                                                                                sample_every=6), sample_fn)
+        out["fp32"] = fp32.fit()
+        out["samples"] = samples
+        out["units"] = [type(m).__name__ for m in distributed.fsdp_units(fp32.model)]
+        out["sharded"] = all(isinstance(p, DTensor) for m in (fp32.model, fp32.ema.model) for p in m.parameters())
+        weights = distributed.full_state_dict(fp32.model)  # a collective
+        ema = fp32.export_ema()  # a collective
+        out["export"] = None if ema is None else [type(ema).__name__, ema.training,
+                                                  str(next(ema.parameters()).device)]
+        if rank == 0:
+            save_file(weights, root / "fp32_weights.safetensors")
+            save_file(ema.state_dict(), root / "fp32_ema.safetensors")
+
+        # (a) bf16, (b) activation checkpointing under FSDP and DDP.
+        out["bf16"] = Trainer(tiny_dit(), fixed_noise_loss, data(),
+                              run_config(root / "bf16", mixed_precision="bf16")).fit()
+        out["ac_fsdp"] = Trainer(tiny_dit(), fixed_noise_loss, data(),
+                                 run_config(root / "ac_fsdp", activation_checkpointing=True)).fit()
+        out["ac_ddp"] = Trainer(tiny_dit(), fixed_noise_loss, data(),
+                                run_config(root / "ac_ddp", activation_checkpointing=True, parallelism="ddp")).fit()
+
+        # (c) stopped in step 5, resumed from step 3's checkpoint.
+        straight = Trainer(tiny_dit(), drawn_noise_loss, data(), run_config(root / "straight"))
+        straight.fit()
+
+        def crash_in_step_5(model, batch, generator):
+            if interrupted.step == 4:
+                raise KeyboardInterrupt
+            return drawn_noise_loss(model, batch, generator)
+
+        interrupted = Trainer(tiny_dit(), crash_in_step_5, data(), run_config(root / "resumed", checkpoint_every=3))
+        try:
+            interrupted.fit()
+        except KeyboardInterrupt:
+            pass
+        resumed = Trainer(tiny_dit(seed=7), drawn_noise_loss, data(),
+                          run_config(root / "resumed", checkpoint_every=3))
+        out["resumed_from"] = resumed.load_checkpoint().name
+        out["resume_same_history"] = resumed.fit() == straight.history
+        assert_same_state(local_shards(resumed.model), local_shards(straight.model))
+        assert_same_state(local_shards(resumed.ema.model), local_shards(straight.ema.model))
+        moments = [(resumed.optimizer.state[a], straight.optimizer.state[b])
+                   for a, b in zip(resumed.params, straight.params)]
+        for a, b in moments:
+            assert_same_state({k: v.to_local() if isinstance(v, DTensor) else v for k, v in a.items()},
+                              {k: v.to_local() if isinstance(v, DTensor) else v for k, v in b.items()})
+        out["resume_same_state"] = True
+
+        # (d) A damaged shard file: the rank that hashes it finds it, and every rank falls back.
+        newest = root / "resumed" / "checkpoints" / "step_00000006" / "shard-00002-model-00001-of-00001.safetensors"
+        if rank == 0:
+            damaged = bytearray(newest.read_bytes())
+            damaged[-3] ^= 0xFF
+            newest.write_bytes(bytes(damaged))
+        distributed.barrier(resumed.dist)
+        fallback = Trainer(tiny_dit(), drawn_noise_loss, data(), run_config(root / "resumed", checkpoint_every=3))
+        with contextlib.redirect_stderr(io.StringIO()) as messages:
+            out["fallback"] = fallback.load_checkpoint().name
+        out["fallback_message"] = messages.getvalue()
+
+        # (f) 6 examples do not split into 2 micro-batches on each of 2 ranks.
+        out["errors"] = {}
+        for parallelism in ("ddp", "fsdp"):
+            try:
+                Trainer(tiny_dit(), fixed_noise_loss, data(),
+                        run_config(root / "bad", batch_size=6, grad_accum_steps=2, parallelism=parallelism))
+            except ValueError as err:
+                out["errors"][parallelism] = str(err)
+        (root / f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        distributed.cleanup()
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("fsdp")
+    spawn(_worker, (str(root),), seconds=240)
+    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Trainer:
+    """The float32 run in one process ("fsdp" there is plain training), accumulating the same micro-batches."""
+    trainer = Trainer(tiny_dit(), fixed_noise_loss, data(),
+                      run_config(tmp_path_factory.mktemp("one"), grad_accum_steps=2))
+    trainer.fit()
+    return trainer
+
+
+def losses(history: list[dict]) -> list[float]:
+    return [r["loss"] for r in history]
+
+
+def test_fsdp_units_are_the_blocks_wherever_the_model_holds_them():
+    class Wrapper(nn.Module):  # as CaptionConditionedDiT holds its DiT
+        def __init__(self):
+            super().__init__()
+            self.transformer = tiny_dit()
+
+    class InnerBlock(nn.Linear):
+        pass
+
+    class OuterBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([InnerBlock(2, 2), nn.Linear(2, 2)])
+
+    wrapper, nested = Wrapper(), nn.ModuleList([OuterBlock(), OuterBlock()])
+    assert distributed.fsdp_units(wrapper) == list(wrapper.transformer.blocks)[::-1]
+    inner = [nested[i].layers[0] for i in (1, 0)]
+    assert distributed.fsdp_units(nested) == [*inner, nested[1], nested[0]]  # inner blocks before their holders
+
+
+def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_run, one_process):
+    root, (rank0, rank1) = fsdp_run
+    assert not one_process.sharded and type(one_process.model) is DiT  # one process: plain training
+    assert rank0["units"] == ["FSDPDiTBlock", "FSDPDiTBlock"] and rank0["sharded"]  # fully_shard renames classes
+    assert rank0["fp32"] == rank1["fp32"]  # the scalars are averaged over ranks
+    assert losses(rank0["fp32"]) == losses(one_process.history)
+    # The norm of the sharded gradient sums the shards' squared norms: another order of float additions.
+    norms = [[r["grad_norm"] for r in h] for h in (rank0["fp32"], one_process.history)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6)  # measured: 8.5e-8 (no clipping: all below 1)
+    assert_same_state(load_file(root / "fp32_weights.safetensors"), one_process.model.state_dict())
+    assert len(set(losses(rank0["fp32"]))) == 6  # it trains: no two steps alike
+
+
+def test_bf16_stays_near_float32(fsdp_run):
+    _, (rank0, _) = fsdp_run
+    assert all(math.isfinite(x) for x in losses(rank0["bf16"]))
+    assert losses(rank0["bf16"]) != losses(rank0["fp32"])  # bfloat16 did run
+    assert losses(rank0["bf16"]) == pytest.approx(losses(rank0["fp32"]), rel=BF16_LOSS)
+
+
+def test_activation_checkpointing_gives_the_same_losses(fsdp_run):
+    _, (rank0, _) = fsdp_run
+    assert losses(rank0["ac_fsdp"]) == losses(rank0["fp32"])
+    assert losses(rank0["ac_ddp"]) == losses(rank0["fp32"])
+
+
+def test_stopped_and_resumed_fsdp_run_ends_bit_for_bit_alike(fsdp_run):
+    _, ranks = fsdp_run
+    for out in ranks:
+        assert out["resumed_from"] == "step_00000003"
+        assert out["resume_same_history"] and out["resume_same_state"]
+
+
+def test_checkpoint_is_one_shard_file_per_rank(fsdp_run):
+    root, _ = fsdp_run
+    step = root / "fp32" / "checkpoints" / "step_00000006"
+    names = sorted(p.name for p in step.iterdir())
+    shards = [f"shard-0000{r + 1}-model-00001-of-00001.safetensors" for r in range(WORLD)]
+    assert names == [*shards, "trainer.json"]  # no model.safetensors, no pickled .metadata
+    meta = json.loads((step / "trainer.json").read_text())
+    assert meta["kind"] == "sharded" and sorted(meta["files"]) == shards and len(meta["rng"]) == WORLD
+    full = meta["shapes"]["blocks.0.mlp.0.weight"]  # [64, 16]
+    for name in shards:
+        with safe_open(str(step / name), framework="pt") as f:
+            shape = f.get_slice("model.blocks.0.mlp.0.weight").get_shape()
+            assert shape == [full[0] // WORLD, full[1]]
+            assert {k.split(".")[0] for k in f.keys()} >= {"model", "ema"}
+    assert (root / "fp32" / "checkpoints" / "latest").read_text() == "step_00000006\n"
+
+
+def test_a_damaged_shard_file_is_skipped_by_every_rank(fsdp_run):
+    _, (rank0, rank1) = fsdp_run
+    assert rank0["fallback"] == rank1["fallback"] == "step_00000003"
+    assert "step_00000006: another rank found it damaged" in rank0["fallback_message"]
+    assert "00002-model-00001-of-00001.safetensors is damaged: its SHA-256 differs" in rank1["fallback_message"]
+
+
+def test_export_ema_is_a_plain_model_on_rank_0(fsdp_run, one_process):
+    root, (rank0, rank1) = fsdp_run
+    assert rank0["export"] == ["DiT", False, "cpu"] and rank1["export"] is None
+    ema = load_file(root / "fp32_ema.safetensors")
+    assert_same_state(ema, one_process.ema_model.state_dict())
+    assert not torch.equal(ema["final_layer.linear.weight"], load_file(root / "fp32_weights.safetensors")[
+        "final_layer.linear.weight"])  # an average, not the weights
+    assert rank0["samples"] == [[6, "DiT", False, False]] and rank1["samples"] == []
+
+
+def test_a_batch_the_ranks_do_not_divide_is_an_error(fsdp_run):
+    _, (rank0, _) = fsdp_run
+    for parallelism in ("ddp", "fsdp"):
+        assert rank0["errors"][parallelism] == ("batch_size 6 is not divisible by grad_accum_steps x ranks = 2 x 2.")
+
+
+def test_fsdp_configs_that_cannot_work_are_clear_errors():
+    with pytest.raises(ValueError, match="parallelism must be one of"):
+        TrainerConfig(parallelism="zero3")
+    with pytest.raises(ValueError, match="'fsdp' takes mixed_precision 'bf16' or 'no', not 'fp16'"):
+        TrainerConfig(parallelism="fsdp", mixed_precision="fp16")
+    with pytest.raises(ValueError, match="posthoc_ema_sigma_rels is not supported with parallelism='fsdp'"):
+        TrainerConfig(parallelism="fsdp", posthoc_ema_sigma_rels=(0.05,), posthoc_snapshot_every=2)
