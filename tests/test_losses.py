@@ -98,21 +98,22 @@ def test_input_perturbation_scale():
 
 
 # ----------------------------------------------------------------------------- trainer
-class _Cache:
-    def tensors(self, split="train"):
-        g = _gen()
-        return torch.randn(32, 4, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+def _tiny_run(tmp_path, model, text, **objective):
+    from tutorial_lib.train.text_to_image import Objective, TextToImageConfig, train_text_to_image
+    from tutorial_lib.train.trainer import TrainerConfig
+
+    g = _gen()
+    latents, labels = torch.randn(32, 4, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    cfg = TextToImageConfig(model=model, architecture="tiny_transformer", text_encoder="word",
+                            text_encoder_kwargs={"dim": text.dim},
+                            objective=Objective(prediction="x0", t_distribution="beta", **objective),
+                            trainer=TrainerConfig(steps=3, batch_size=8, warmup_steps=1, log_every=1, checkpoint_every=None,
+                                                  tensorboard=False, out_dir=str(tmp_path)))
+    return [r["loss"] for r in train_text_to_image(cfg, latents, labels).history]
 
 
-def test_trainer_defaults_are_the_notebook_recipe_and_knobs_change_it(tiny_denoiser_config, tiny_text_config):
-    from tutorial_lib.train.denoiser import DenoiserTrainConfig, train_denoiser
-
-    defaults = DenoiserTrainConfig()
-    assert (defaults.t_distribution, defaults.t_beta, defaults.t_shift, defaults.min_snr_gamma,
-            defaults.offset_noise, defaults.input_perturbation) == ("beta", (1.0, 2.5), 1.0, None, 0.0, 0.0)
-    base = dict(steps=3, batch_size=8, warmup=1, model=tiny_denoiser_config, text=tiny_text_config)
-    _, plain = train_denoiser(_Cache(), DenoiserTrainConfig(**base), log_every=1)
-    _, knobs = train_denoiser(_Cache(), DenoiserTrainConfig(
-        **base, t_distribution="logit_normal", t_shift=2.0, min_snr_gamma=5.0, offset_noise=0.1,
-        input_perturbation=0.1), log_every=1)
-    assert all(torch.isfinite(torch.tensor(knobs["loss"]))) and knobs["loss"] != plain["loss"]
+def test_the_objective_knobs_change_notebook_01s_training(tiny_denoiser_config, tiny_text_config, tmp_path):
+    plain = _tiny_run(tmp_path / "plain", tiny_denoiser_config, tiny_text_config)
+    knobs = _tiny_run(tmp_path / "knobs", tiny_denoiser_config, tiny_text_config, t_shift=2.0, min_snr_gamma=5.0,
+                      offset_noise=0.1, input_perturbation=0.1)
+    assert all(torch.isfinite(torch.tensor(knobs))) and knobs != plain

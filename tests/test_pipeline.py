@@ -718,29 +718,32 @@ def test_every_sampler_in_every_dtype_on_cuda(name, sampler):
 
 
 # ----------------------------------------------------------------------------- training and the shipped model
-class _FakeCache:
-    def __init__(self, n=64):
-        g = torch.Generator().manual_seed(0)
-        self.z, self.y = torch.randn(n, 4, 8, 8, generator=g), torch.arange(n) % 10
+def test_notebook_01s_model_trains_through_the_trainer_and_samples(shipped_vae, tiny_denoiser_config,
+                                                                  tiny_text_config, tmp_path):
+    """The tiny transformer and its word encoder train with the DiT's Trainer and objective; the same seed
+    trains the same weights, and the EMA samples through the pipeline."""
+    from tutorial_lib.train.text_to_image import Objective, TextToImageConfig, train_text_to_image
+    from tutorial_lib.train.trainer import TrainerConfig
 
-    def tensors(self, split="train"):
-        return self.z, self.y
+    g = torch.Generator().manual_seed(0)
+    latents, labels = torch.randn(64, 4, 8, 8, generator=g), torch.arange(64) % 10
 
+    def run(out):
+        cfg = TextToImageConfig(model=tiny_denoiser_config, architecture="tiny_transformer", text_encoder="word",
+                                text_encoder_kwargs={"dim": tiny_text_config.dim},
+                                objective=Objective(prediction="x0", t_distribution="beta"),
+                                trainer=TrainerConfig(steps=6, batch_size=16, warmup_steps=2, log_every=3,
+                                                      checkpoint_every=None, tensorboard=False, out_dir=str(out)))
+        trainer = train_text_to_image(cfg, latents, labels)
+        ema = trainer.export_ema()
+        return trainer.history, TextToImagePipeline(ema.transformer, ema.text_encoder, shipped_vae)
 
-def test_train_denoiser_smoke(shipped_vae, tiny_denoiser_config, tiny_text_config):
-    from tutorial_lib.train.denoiser import DenoiserTrainConfig, train_denoiser
-
-    cfg = DenoiserTrainConfig(steps=6, batch_size=16, warmup=2, model=tiny_denoiser_config,
-                              text=tiny_text_config, seed=0)
-    nets, history = train_denoiser(_FakeCache(), cfg, log_every=3)
-    assert history["step"] == [3, 6] and all(loss > 0 for loss in history["loss"])
-    pipe = TextToImagePipeline(nets["denoiser"], nets["text_encoder"], shipped_vae)
+    history, pipe = run(tmp_path / "a")
+    assert [r["step"] for r in history] == [3, 6] and all(r["loss"] > 0 for r in history)
     images = pipe.generate("a bag", num_inference_steps=STEPS)
     assert images.shape == (1, 1, 32, 32)
-    # Seeded: the same config trains the same weights.
-    nets2, history2 = train_denoiser(_FakeCache(), cfg, log_every=3)
+    history2, pipe2 = run(tmp_path / "b")
     assert history2 == history
-    pipe2 = TextToImagePipeline(nets2["denoiser"], nets2["text_encoder"], shipped_vae)
     assert torch.equal(pipe2.generate("a bag", num_inference_steps=STEPS), images)
 
 
