@@ -24,3 +24,14 @@ def data_root() -> Path:
         return Path(os.environ["TUTORIAL_DATA"]).expanduser()
     root = repo_root()
     return root / "data" if root is not None else Path.home() / ".cache" / "tutorial_lib"
+
+
+def shown(path: str | Path) -> str:
+    """`path` as a person reads it in a printout that may be shared: relative to the checkout
+    ("data/latents/..."), or under "~" for the home folder, else as it is. Notebooks print these, so
+    that committed outputs carry no one's machine layout."""
+    path = Path(path).expanduser().absolute()
+    for base, prefix in ((repo_root(), ""), (Path.home(), "~/")):
+        if base is not None and path.is_relative_to(base):
+            return prefix + str(path.relative_to(base))
+    return str(path)

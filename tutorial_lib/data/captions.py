@@ -16,6 +16,7 @@ them, to see whether a model composes words it has only seen apart, e.g. "dark" 
 from __future__ import annotations
 
 import itertools
+import numbers
 import random
 import re
 
@@ -67,13 +68,14 @@ HELD_OUT = (
 
 
 def class_index(cls: int | str) -> int:
-    """Label index from an int or a class name (case-insensitive, e.g. 'ankle boot', 'Sneaker')."""
-    if isinstance(cls, bool) or not isinstance(cls, (int, str)):
+    """Label index from an int (a NumPy integer too) or a class name (case-insensitive, e.g. 'ankle
+    boot', 'Sneaker')."""
+    if isinstance(cls, bool) or not isinstance(cls, (numbers.Integral, str)):
         raise TypeError(f"A class is an int in 0..9 or a class name, got {type(cls).__name__}.")
-    if isinstance(cls, int):
+    if isinstance(cls, numbers.Integral):
         if not 0 <= cls < len(CLASSES):
             raise ValueError(f"Unknown class {cls}; labels are 0..{len(CLASSES) - 1}.")
-        return cls
+        return int(cls)
     names = {c.lower(): i for i, c in enumerate(CLASSES)} | {"t-shirt": 0, "top": 0}
     key = cls.strip().lower()
     if key not in names:

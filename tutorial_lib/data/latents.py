@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..paths import data_root
+from ..paths import data_root, shown
 from ..weights import weights_hash
 from .fashion_mnist import load_fashion_mnist, to_model_images
 
@@ -54,7 +54,7 @@ class LatentCache:
 
     def __repr__(self):
         m = self.meta
-        return (f"LatentCache({self.path}, shape={m['shape']}, scaling_factor={m['scaling_factor']:.4f}, "
+        return (f"LatentCache({shown(self.path)}, shape={m['shape']}, scaling_factor={m['scaling_factor']:.4f}, "
                 f"train mean/std={m['train_mean']:.3f}/{m['train_std']:.3f})")
 
 

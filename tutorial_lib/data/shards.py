@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..paths import shown
 from ..weights import atomic_write, weights_hash
 from .fashion_mnist import DataError
 from .sources import Preprocess, SourceSpec, as_records
@@ -268,7 +269,7 @@ class LatentShards(torch.utils.data.Dataset):
 
     def __repr__(self):
         shape = "x".join(map(str, self.latent_shape))
-        return (f"LatentShards({self.path}, {len(self)} records, latents {shape} {self.index['dtype']}, "
+        return (f"LatentShards({shown(self.path)}, {len(self)} records, latents {shape} {self.index['dtype']}, "
                 f"{self.index['num_shards']} shards, source {self.index['source'].get('location', 'dataset')})")
 
     # ------------------------------------------------------------------ reading
