@@ -64,8 +64,9 @@ def _cmd_train_vae(a):
 
 
 def _load_vae(path: Path | None):
-    """The shipped VAE (None), our weights file (.safetensors), or a diffusers AutoencoderKL folder, as
-    our AutoencoderKL (the pipeline's VAE class; a diffusers one converts exactly)."""
+    """The shipped VAE (None), our weights file (.safetensors), a diffusers AutoencoderKL folder, or a
+    Hub id of one when online (e.g. stabilityai/sdxl-vae), as our AutoencoderKL (the pipeline's VAE
+    class; a diffusers one converts exactly)."""
     from .vae.autoencoder import load_vae
 
     if path is None or path.suffix == ".safetensors":
@@ -74,10 +75,17 @@ def _load_vae(path: Path | None):
 
     from .vae.diffusers_interop import from_diffusers
 
-    if not (path / "config.json").is_file():
+    if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json) "
                                 "nor a .safetensors file of ours.")
-    return from_diffusers(DiffusersAutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False))
+    if not path.exists() and len(path.parts) != 2:
+        raise FileNotFoundError(f"--vae {path}: no such folder or file (nor a Hub id, owner/name).")
+    try:
+        theirs = DiffusersAutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False)
+    except OSError as err:  # a Hub id offline, or not a VAE
+        raise FileNotFoundError(f"--vae {path}: not a local folder, and it could not be loaded from the Hub "
+                                f"({type(err).__name__}); go online once, or pass a local AutoencoderKL folder.") from err
+    return from_diffusers(theirs)
 
 
 def _encode_data(a, info):
