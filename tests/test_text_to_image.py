@@ -174,7 +174,7 @@ def test_an_edm_oracle_has_zero_loss_without_input_perturbation(data):
             x = x_in.double() * (sigma**2 + sd**2).sqrt()
             return edm_target(x0.double(), (x - x0) / sigma, sigma, sd).float()
         return edm_diffusion_loss(model, x0, torch.zeros(N, dtype=torch.long), objective,
-                                  torch.Generator().manual_seed(0))[0].item()
+                                  torch.Generator().manual_seed(0)).item()
 
     assert oracle(Objective(prediction="edm", sigma_data=0.7, offset_noise=0.3, P_mean=0.5)) < 1e-8
     assert oracle(Objective(prediction="edm", sigma_data=0.7, input_perturbation=0.3)) > 1e-3

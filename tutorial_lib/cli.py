@@ -254,7 +254,7 @@ def _train_config(a):
                           cond_drop=a.cond_drop, t_distribution=a.t_distribution, t_shift=a.t_shift,
                           min_snr_gamma=a.min_snr_gamma, offset_noise=a.offset_noise,
                           input_perturbation=a.input_perturbation, P_mean=a.p_mean, P_std=a.p_std,
-                          sigma_data=a.sigma_data)
+                          sigma_data=a.sigma_data, mask_ratio=a.mask_ratio)
     trainer = TrainerConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
                             grad_accum_steps=a.grad_accum, ema_decay=a.ema_decay,
                             posthoc_ema_sigma_rels=a.posthoc_ema, posthoc_snapshot_every=a.posthoc_snapshot_every,
@@ -264,7 +264,8 @@ def _train_config(a):
                             num_workers=a.num_workers, device=a.device)
     kwargs = {"dim": _model_config(a).text_dim} if a.text_encoder == "word" else {}
     return TextToImageConfig(model=_model_config(a), architecture=a.model, text_encoder=a.text_encoder,
-                             text_encoder_kwargs=kwargs, objective=objective, trainer=trainer)
+                             text_encoder_kwargs=kwargs, objective=objective, trainer=trainer,
+                             init_from=None if a.init_from is None else str(a.init_from))
 
 
 def _cmd_train(a):
@@ -486,8 +487,8 @@ def _add_common(p):
 
 
 def _add_train(p, steps):
-    p.add_argument("--preset", help="model size: tiny (default), DiT-S/2, ... for --model dit; cpu (default) "
-                   "or base for --model tiny_transformer")
+    p.add_argument("--preset", help="model size: tiny (default), tiny-moe, tiny-mixer, DiT-S/2, MoE-DiT-XL/2, ... for "
+                   "--model dit (models/dit.py PRESETS); cpu (default) or base for --model tiny_transformer")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
                    if steps else "optimizer steps (default: by TUTORIAL_BUDGET: 20, 1200 or 6000)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
@@ -635,6 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/run's latest checkpoint")
     p.add_argument("--posterior", action="store_true",
                    help="with --data: train on samples of the VAE posterior, not its mean")
+    p.add_argument("--mask-ratio", type=float, default=0.0,
+                   help="dit: drop this fraction of patches after the patch-mixer (e.g. 0.75 with --preset "
+                        "tiny-mixer; notebook 06) (default: %(default)s)")
+    p.add_argument("--init-from", type=Path,
+                   help="start from this pipeline folder's denoiser (same preset), e.g. the unmasked fine-tune "
+                        "after a --mask-ratio run")
     p.add_argument("--out", type=Path, default=Path("outputs/model"),
                    help="folder to save the pipeline in (default: %(default)s)")
     _add_data(p)

@@ -34,7 +34,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import ConfigMixin
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .diffusion.edm import EDMPrecond, karras_sigmas, sigma_denoiser, sigma_of_t, t_of_sigma, time_denoiser
 from .diffusion.guidance import cfg_denoiser
@@ -47,9 +47,9 @@ from .text import (MiniLMEncoder, OneHotConfig, OneHotEncoder, TextEmbedding, Te
                    WordEncoder, WordEncoderConfig, check_prompts, load_clip_encoder)
 from .vae.autoencoder import AutoencoderKL, load_vae
 from .vae.diffusers_interop import from_diffusers, to_diffusers
-from .weights import WeightsError, atomic_write, weights_hash
+from .weights import (COMPONENT_WEIGHTS as WEIGHTS, WeightsError, atomic_write, read_component_config,
+                      missing_message, read_component_weights, weights_hash)
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHIM = "tutorial_pipeline"
 # Components saved as (config dataclass + safetensors): class name -> (class, config class).
 TRAINED = {"DiT": (DiT, DiTConfig), "TinyTransformer": (TinyTransformer, TinyTransformerConfig),
@@ -145,10 +145,6 @@ def _check_pretrained(module, folder: Path, config: dict):
                            f"one this pipeline was trained with ({config['key']}); install that version.")
 
 
-def _missing(what: str) -> str:
-    return f"{what}; copy the whole folder that save_pretrained wrote, or save the pipeline again."
-
-
 def save_component(module: torch.nn.Module, folder: Path):
     """config.json (the class name and its config) and, for trained modules, the weights."""
     name = type(module).__name__
@@ -170,26 +166,14 @@ def save_component(module: torch.nn.Module, folder: Path):
 def load_component(folder: str | Path) -> torch.nn.Module:
     """The module `save_component` wrote into `folder`, in eval mode."""
     folder = Path(folder)
-    path = folder / "config.json"
-    if not folder.is_dir():
-        raise WeightsError(_missing(f"{folder.parent} has no {folder.name}/ folder"))
-    if not path.is_file():
-        raise WeightsError(_missing(f"{folder} is not a pipeline component folder (no config.json)"))
-    config = json.loads(path.read_text())
-    name = config.pop("_class_name", None)
+    name, config = read_component_config(folder)
     if name in TRAINED:
         cls, config_cls = TRAINED[name]
-        if not (folder / WEIGHTS).is_file():
-            raise WeightsError(_missing(f"{folder} has no {WEIGHTS}: the {name}'s weights are missing"))
-        try:
-            state = load_file(str(folder / WEIGHTS))
-        except (SafetensorError, OSError) as err:
-            raise WeightsError(_missing(f"{folder / WEIGHTS} is not a readable safetensors file ({err}): "
-                                        "truncated or corrupted")) from err
+        state = read_component_weights(folder, name)
         try:
             module = cls(config_cls(**config))
             module.load_state_dict(state)
-        except (TypeError, RuntimeError) as err:
+        except (TypeError, RuntimeError, ValueError) as err:
             raise WeightsError(f"{folder}: the weights do not fit the {name} config beside them "
                                f"({type(err).__name__}: {str(err)[:300]}).") from err
     elif name == "MiniLMEncoder":
@@ -215,7 +199,7 @@ class PipelineComponent(ModelMixin, ConfigMixin):
         folder = Path(path) / (subfolder or "")
         if (folder / "model_index.json").is_file():  # diffusers' loader passes the pipeline folder
             missing = [f"{name}/" for name in ("transformer", "text_encoder") if not (folder / name).is_dir()]
-            raise WeightsError(_missing(f"{folder} has no {' and no '.join(missing)} folder"))
+            raise WeightsError(missing_message(f"{folder} has no {' and no '.join(missing)} folder"))
         module = load_component(folder)
         return module.to(dtype=torch_dtype) if torch_dtype is not None else module
 
@@ -483,7 +467,7 @@ class TextToImagePipeline(DiffusionPipeline):
         if vae is None and not (directory / "vae").is_dir():
             vae = load_vae()  # saved with_vae=False: the shipped VAE
             if weights_hash(vae) != saved_hash:
-                raise WeightsError(_missing(f"{directory} has no vae/ folder, and its denoiser was trained "
+                raise WeightsError(missing_message(f"{directory} has no vae/ folder, and its denoiser was trained "
                                             f"on VAE {saved_hash}, not on the shipped one"))
         if vae is None:
             from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -491,7 +475,7 @@ class TextToImagePipeline(DiffusionPipeline):
             try:
                 theirs = DiffusersAutoencoderKL.from_pretrained(directory / "vae", low_cpu_mem_usage=False)
             except (OSError, SafetensorError) as err:
-                raise WeightsError(_missing(f"{directory / 'vae'} does not load as a diffusers AutoencoderKL "
+                raise WeightsError(missing_message(f"{directory / 'vae'} does not load as a diffusers AutoencoderKL "
                                             f"({str(err)[:300]})")) from err
             vae = from_diffusers(theirs)
         options = {k: index[k] for k in OPTIONS if k in index}

@@ -119,6 +119,37 @@ def load_model(cls, config_cls, path: str | Path, kind: str):
     return model, extra
 
 
+COMPONENT_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name in a component folder
+
+
+def missing_message(what: str) -> str:
+    return f"{what}; copy the whole folder that save_pretrained wrote, or save the pipeline again."
+
+
+def read_component_config(folder: str | Path) -> tuple[str | None, dict]:
+    """(class name, config) of a pipeline component folder (pipeline.save_component), clear errors if absent."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise WeightsError(missing_message(f"{folder.parent} has no {folder.name}/ folder"))
+    if not path.is_file():
+        raise WeightsError(missing_message(f"{folder} is not a pipeline component folder (no config.json)"))
+    config = json.loads(path.read_text())
+    return config.pop("_class_name", None), config
+
+
+def read_component_weights(folder: str | Path, name: str) -> dict:
+    """The state dict of the trained component `name` in `folder`, clear errors if missing or corrupt."""
+    path = Path(folder) / COMPONENT_WEIGHTS
+    if not path.is_file():
+        raise WeightsError(missing_message(f"{folder} has no {COMPONENT_WEIGHTS}: the {name}'s weights are missing"))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(missing_message(f"{path} is not a readable safetensors file ({err}): "
+                                    "truncated or corrupted")) from err
+
+
 def weights_hash(model: torch.nn.Module) -> str:
     """A short SHA-256 of the config and every parameter's bytes: the key of derived caches."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())

@@ -220,16 +220,16 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = float(sigma_data)
 
-    def network_output(self, x: torch.Tensor, sigma: torch.Tensor,
-                       cond=None) -> tuple[torch.Tensor, Preconditioning]:
-        """F(c_in x, c_noise, cond) [B, C, H, W] and the coefficients, each [B, 1, 1, 1]."""
+    def network_output(self, x: torch.Tensor, sigma: torch.Tensor, cond=None,
+                       **net_kwargs) -> tuple[torch.Tensor, Preconditioning]:
+        """F(c_in x, c_noise, cond, **net_kwargs) [B, C, H, W] and the coefficients, each [B, 1, 1, 1]."""
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must hold one noise level per item, shape ({x.shape[0]},), "
                              f"got {tuple(sigma.shape)}.")
         c = edm_preconditioning(_per_item(sigma.to(torch.promote_types(sigma.dtype, torch.float32)), x),
                                 self.sigma_data)
         noise_level = c.c_noise.reshape(-1).to(torch.promote_types(x.dtype, torch.float32))  # [B]
-        return self.net((c.c_in * x).to(x.dtype), noise_level, cond), c
+        return self.net((c.c_in * x).to(x.dtype), noise_level, cond, **net_kwargs), c
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         """x [B, C, H, W] at noise levels sigma [B] -> D(x, sigma) [B, C, H, W], the x0 estimate."""
@@ -277,7 +277,8 @@ def sample_log_normal_sigmas(n: int, generator: torch.Generator | None = None, *
 
 def edm_loss(precond: EDMPrecond, x0: torch.Tensor, cond=None, generator: torch.Generator | None = None, *,
              P_mean: float = -1.2, P_std: float = 1.2, sigma: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, input_noise: torch.Tensor | None = None) -> torch.Tensor:
+             noise: torch.Tensor | None = None, input_noise: torch.Tensor | None = None,
+             net_kwargs: dict | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The EDM training loss for data x0 [B, ...] (Karras et al., 2022, Sec. 5), in its two forms:
         E[lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2] = E[|F(c_in x, c_noise) - F_target|^2],
     with ln sigma ~ N(P_mean, P_std^2) (or the given `sigma` [B]) and n ~ N(0, I) drawn from
@@ -285,13 +286,14 @@ def edm_loss(precond: EDMPrecond, x0: torch.Tensor, cond=None, generator: torch.
     computed in F's space, unweighted, against the stable `edm_target`: no division by c_out -> 0.
     An untrained F = 0 scores 1 (F_target's variance). `input_noise` forms the input
     x = x0 + sigma input_noise in place of n while the target keeps n: input perturbation (Ning et
-    al., 2023; `losses.perturb_input`)."""
+    al., 2023; `losses.perturb_input`). `net_kwargs` go to the network (e.g. a DiT's `keep`) and
+    `loss_mask` restricts the mean to the pixels it marks (`losses.weighted_mse`)."""
     if sigma is None:
         sigma = sample_log_normal_sigmas(x0.shape[0], generator, P_mean=P_mean, P_std=P_std)
     sigma = sigma.to(x0.device)
     noise = _randn(x0, generator) if noise is None else noise
     input_noise = noise if input_noise is None else input_noise
     s = _per_item(sigma, x0)
-    out, _ = precond.network_output(x0 + s * input_noise, sigma, cond)
+    out, _ = precond.network_output(x0 + s * input_noise, sigma, cond, **(net_kwargs or {}))
     target = edm_target(x0, noise, s, precond.sigma_data)
-    return weighted_mse(out.to(target.dtype), target)
+    return weighted_mse(out.to(target.dtype), target, mask=loss_mask)

@@ -84,10 +84,18 @@ def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, target: str, gamma:
     return clipped / (1 + snr.sqrt()) ** 2
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor,
-                 weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error; with weight [B], the mean over items of weight * per-item MSE."""
-    if weight is None:
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with weight [B], the mean over items of weight * per-item MSE. With mask
+    (broadcastable to pred, 1 = counted; e.g. `models.masking.keep_pixels`), each item's MSE is the
+    mean over its masked-in elements only."""
+    if weight is None and mask is None:
         return F.mse_loss(pred, target)
-    per_item = (pred - target).pow(2).flatten(1).mean(1)
+    if mask is None:
+        per_item = (pred - target).pow(2).flatten(1).mean(1)
+    else:
+        mask = mask.to(pred.dtype).expand_as(pred)
+        per_item = ((pred - target).pow(2) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
+    if weight is None:
+        return per_item.mean()
     return (weight.reshape(-1) * per_item).mean()

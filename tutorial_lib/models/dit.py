@@ -26,6 +26,14 @@ Options beyond the paper, each a config field: 2D RoPE instead of the additive s
 (pos_embed="rope"), QK-norm (qk_norm="layer" or "rms"), grouped-query attention
 (num_kv_heads < num_heads), and cross_attention=False for the paper's adaLN-only conditioning.
 
+Notebook 06's options, for training at scale (micro_diffusion, Sehwag et al., 2024):
+- num_experts > 0: every moe_every-th block's MLP is a Mixture of Experts (models/moe.py), routed by
+  expert choice or token choice.
+- mixer_depth > 0: that many blocks run on all tokens before the rest (the patch-mixer), so that
+  forward(..., keep=indices) can drop the masked tokens after it (models/masking.py).
+- pos_interpolation: positions scaled to the config's grid when the latent is larger or smaller
+  (PixArt-alpha's interpolation, used by the references from 256 to 512 pixels).
+
 Activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost") is a
 switch on the module, not a config field, so configs and saved weights do not depend on it (as
 diffusers' `gradient_checkpointing`): with `model.gradient_checkpointing = True` (the Trainer's
@@ -49,6 +57,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..text.base import TextEmbedding, masked_mean
 from .layers import MLP, Attention, modulate, rope_2d, sincos_2d, timestep_embedding
+from .masking import num_kept, restore_tokens, take_tokens
+from .moe import ROUTINGS, ExpertChoiceMoE, TokenChoiceMoE
 
 POS_EMBEDS = ("sincos", "rope")
 QK_NORMS = ("none", "layer", "rms")
@@ -72,6 +82,14 @@ class DiTConfig:
     pos_embed: str = "sincos"  # "sincos": added to the tokens once; "rope": 2D RoPE in self-attention
     rope_theta: float = 10_000.0
     frequency_embedding_size: int = 256  # width of the sinusoidal t embedding fed to t_embedder
+    num_experts: int = 0  # 0: a dense MLP in every block; E > 0: MoE MLPs (models/moe.py)
+    moe_every: int = 2  # with experts, blocks moe_every-1, 2 moe_every-1, ... are MoE (2: every other)
+    routing: str = "expert_choice"  # "expert_choice" | "token_choice"
+    capacity_factor: float = 2.0  # expert choice: C = capacity_factor N / E; token choice: x top_k
+    top_k: int = 2  # token choice: experts per token
+    router_aux_loss_coef: float = 0.01  # token choice: weight of the load-balancing loss
+    mixer_depth: int = 0  # patch-mixer blocks, on all tokens before masking (models/masking.py)
+    pos_interpolation: bool = False  # scale positions to input_size's grid on other latent sizes
 
     def __post_init__(self):
         # JSON (the safetensors metadata) turns tuples into lists; an int means a square latent.
@@ -97,6 +115,31 @@ class DiTConfig:
         if self.pos_embed == "rope" and (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got "
                              f"{self.hidden_size} / {self.num_heads}.")
+        if self.num_experts < 0 or self.moe_every < 1 or self.mixer_depth < 0:
+            raise ValueError(f"Need num_experts >= 0, moe_every >= 1 and mixer_depth >= 0, got "
+                             f"{self.num_experts}, {self.moe_every}, {self.mixer_depth}.")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"Unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}.")
+        if self.num_experts:  # a clear error now for a layer that could not be built or run
+            with torch.device("meta"):
+                layer = self.moe_layer()
+            if self.routing == "expert_choice":
+                layer.capacity(self.num_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the tokens of a latent of input_size."""
+        return (self.input_size[0] // self.patch_size) * (self.input_size[1] // self.patch_size)
+
+    def is_moe(self, block: int) -> bool:
+        return self.num_experts > 0 and (block + 1) % self.moe_every == 0
+
+    def moe_layer(self) -> ExpertChoiceMoE | TokenChoiceMoE:
+        """A new MoE feed-forward layer of this config: experts as wide as the dense MLP."""
+        d, m = self.hidden_size, int(self.hidden_size * self.mlp_ratio)
+        if self.routing == "expert_choice":
+            return ExpertChoiceMoE(d, m, self.num_experts, self.capacity_factor)
+        return TokenChoiceMoE(d, m, self.num_experts, self.capacity_factor, self.top_k, self.router_aux_loss_coef)
 
     @property
     def head_dim(self) -> int:
@@ -119,6 +162,20 @@ PRESETS: dict[str, DiTConfig] = {"tiny": DiTConfig()}
 PRESETS.update({f"DiT-{name}/{p}": dataclasses.replace(cfg, patch_size=p)
                 for name, cfg in _SIZES.items() for p in (1, 2, 4)})
 
+# Sparse presets (notebook 06). At CPU scale, the tiny DiT with a MoE MLP in every other block (4 experts
+# at capacity factor 1: the FLOPs of the dense MLP, 4x its parameters), with a one-block patch-mixer for
+# masked training, and both. At scale, micro_diffusion's recipe (Sehwag et al., 2024): 8 experts at
+# capacity factor 2 in every other block and a patch-mixer, on SD-VAE latents of 256 px (32 x 32 x 4)
+# read from a 1024-wide text encoder. MoE-DiT-XL/2 is its 1.16B MicroDiT_XL_2 with uniform widths
+# (theirs grow with depth): 1.15B parameters, 0.64B active (`dit_cost`).
+_TINY_MOE = dict(num_experts=4, capacity_factor=1.0)
+PRESETS.update({"tiny-moe": DiTConfig(**_TINY_MOE), "tiny-mixer": DiTConfig(mixer_depth=1),
+                "tiny-moe-mixer": DiTConfig(mixer_depth=1, **_TINY_MOE)})
+_SPARSE = dict(input_size=(32, 32), patch_size=2, num_experts=8, capacity_factor=2.0, text_dim=1024)
+PRESETS.update({f"MoE-DiT-{name}/2": dataclasses.replace(_SIZES[name], mixer_depth=2, **_SPARSE)
+                for name in ("S", "B")})
+PRESETS["MoE-DiT-XL/2"] = DiTConfig(hidden_size=1024, depth=20, num_heads=16, mixer_depth=4, **_SPARSE)
+
 
 def preset(name: str, **overrides) -> DiTConfig:
     """A fresh copy of the named config, with `overrides` (any DiTConfig field) applied.
@@ -133,7 +190,7 @@ def preset(name: str, **overrides) -> DiTConfig:
 class DiTBlock(nn.Module):
     """Self-attention, cross-attention to the text, MLP; adaLN-Zero gates on the first and last."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, moe: bool = False):
         super().__init__()
         d, attn = cfg.hidden_size, dict(kv_heads=cfg.num_kv_heads, qk_norm=cfg.qk_norm)
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)  # adaLN supplies the affine
@@ -144,7 +201,7 @@ class DiTBlock(nn.Module):
         else:
             self.norm_cross = self.cross_attn = None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(d, cfg.mlp_ratio)
+        self.mlp = cfg.moe_layer() if moe else MLP(d, cfg.mlp_ratio)  # MoE: [B, N, D] -> [B, N, D] as the MLP
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x, c, text: TextEmbedding, rope=None):
@@ -187,7 +244,8 @@ class DiT(nn.Module):
         f = cfg.frequency_embedding_size
         self.t_embedder = nn.Sequential(nn.Linear(f, d), nn.SiLU(), nn.Linear(d, d))
         self.y_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.mixer = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.mixer_depth))  # on all tokens
+        self.blocks = nn.ModuleList(DiTBlock(cfg, cfg.is_moe(i)) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self._positions: dict = {}  # (h, w, device) -> position embedding or RoPE table; never saved
         self.initialize_weights()
@@ -199,15 +257,17 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # the MoE router has none
+                    nn.init.zeros_(m.bias)
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
         for embedder in (self.t_embedder, self.y_embedder):
             nn.init.normal_(embedder[0].weight, std=0.02)
             nn.init.normal_(embedder[2].weight, std=0.02)
-        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
-        zeroed += [block.cross_attn.out for block in self.blocks if block.cross_attn is not None]
+        blocks = [*self.mixer, *self.blocks]
+        zeroed = [block.adaLN_modulation[-1] for block in blocks]
+        zeroed += [block.cross_attn.out for block in blocks if block.cross_attn is not None]
         zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
@@ -223,10 +283,23 @@ class DiT(nn.Module):
         return self._positions[key]
 
     def _make_positions(self, h: int, w: int, device):
-        cfg = self.config
+        cfg, p = self.config, self.config.patch_size
+        scale = (cfg.input_size[0] / p / h, cfg.input_size[1] / p / w) if cfg.pos_interpolation else (1.0, 1.0)
         if cfg.pos_embed == "rope":
-            return tuple(t.to(device) for t in rope_2d(h, w, cfg.head_dim, cfg.rope_theta))
-        return sincos_2d(h, w, cfg.hidden_size).to(device)
+            return tuple(t.to(device) for t in rope_2d(h, w, cfg.head_dim, cfg.rope_theta, scale))
+        return sincos_2d(h, w, cfg.hidden_size, scale).to(device)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, with a clear error for weights of a DiT with another patch-mixer or other experts."""
+        for part, field_name in (("mixer.", "mixer_depth"), ("mlp.router.", "num_experts")):
+            saved = any(k.startswith(part) or f".{part}" in k for k in state_dict)
+            ours = any(k.startswith(part) or f".{part}" in k for k in self.state_dict())
+            if strict and saved != ours:
+                what = "a patch-mixer" if part == "mixer." else "MoE layers"
+                raise ValueError(f"These weights come from a DiT {'with' if saved else 'without'} {what}, and this "
+                                 f"one is {'without' if saved else 'with'}: build the DiT with the checkpoint's "
+                                 f"config ({field_name} as saved in its config.json).")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding):
         """Shapes and dtypes only: no look at the values, so no sync with the host and no graph break
@@ -247,9 +320,15 @@ class DiT(nn.Module):
             raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, "
                              f"text {tokens.shape[0]}.")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
-        """x_t [B, C, H, W], noise level t [B] in [0, 1], caption tokens -> F(x_t) [B, C, H, W]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t [B, C, H, W], noise level t [B] in [0, 1], caption tokens -> F(x_t) [B, C, H, W].
+
+        keep [B, K] (`masking.random_keep`): the blocks after the mixer see only these tokens; the
+        masked patches' output is the final layer's on zero tokens, meaningless (the loss skips them)."""
         self.check_inputs(x, t, text)
+        if keep is not None and (keep.ndim != 2 or keep.shape[0] != x.shape[0]):
+            raise ValueError(f"keep must hold [B, K] token indices for B = {x.shape[0]}, got {tuple(keep.shape)}.")
         cfg, p = self.config, self.config.patch_size
         b, c_in, height, width = x.shape
         h, w = height // p, width // p
@@ -264,21 +343,33 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(timestep_embedding(t, cfg.frequency_embedding_size).to(dtype))  # [B, D]
         c = t_emb + self.y_embedder(masked_mean(text).to(dtype))  # [B, D_text] -> [B, D]
 
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            args = (tokens, c, text, rope)
-            tokens = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)  # [B, N, D]
+        tokens = self.run_blocks(self.mixer, tokens, c, text, rope)  # [B, N, D]
+        if keep is not None:
+            tokens = take_tokens(tokens, keep)  # [B, K, D]
+            if rope is not None:
+                rope = tuple(r[keep][:, None] for r in rope)  # each [B, 1, K, head_dim]
+        tokens = self.run_blocks(self.blocks, tokens, c, text, rope)  # [B, K or N, D]
+        if keep is not None:
+            tokens = restore_tokens(tokens, keep, h * w)  # [B, N, D]
         out = self.final_layer(tokens, c)  # [B, N, p*p*C]
         out = out.reshape(b, h, w, p, p, c_in)  # [B, h, w, p, p, C]
         return torch.einsum("bhwpqc->bchpwq", out).reshape(b, c_in, height, width)  # [B, C, H, W]
+
+    def run_blocks(self, blocks: nn.ModuleList, tokens, c, text, rope):
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in blocks:
+            args = (tokens, c, text, rope)
+            tokens = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)  # [B, N, D]
+        return tokens
 
 
 # ----------------------------------------------------------------------------- cost
 @dataclass(frozen=True)
 class DiTCost:
-    """Parameters and forward FLOPs per image, FLOPs split by part (see `dit_cost`)."""
+    """Parameters (all, and active: used per token) and forward FLOPs per image, by part (`dit_cost`)."""
 
     params: int
+    active_params: int
     flops_by_part: dict[str, int]
 
     @property
@@ -290,43 +381,77 @@ class DiTCost:
         return self.flops / 1e9
 
 
+def _block_flops(cfg: DiTConfig, n: int, ell: int, moe: bool) -> dict[str, float]:
+    """Forward FLOPs of one block on n image tokens and ell caption tokens (see `dit_cost`)."""
+    d, dt = cfg.hidden_size, cfg.text_dim
+    k = d * (cfg.num_kv_heads or cfg.num_heads) // cfg.num_heads
+    m = int(d * cfg.mlp_ratio)
+    flops = {
+        "adaLN": 2 * d * 6 * d,
+        "self_attn_proj": 2 * n * (d * d + d * 2 * k + d * d),
+        "self_attn_sdpa": 2 * 2 * n * n * d,
+        "cross_attn_proj": 2 * (n * d * d + ell * dt * 2 * k + n * d * d),
+        "cross_attn_sdpa": 2 * 2 * n * ell * d,
+    }
+    if not cfg.cross_attention:
+        flops["cross_attn_proj"] = flops["cross_attn_sdpa"] = 0
+    if not moe:
+        flops["mlp"] = 2 * 2 * n * d * m
+    else:  # the experts process E * C slots of each image; the router scores every token
+        slots = cfg.num_experts * _capacity(cfg, n)
+        flops["moe_experts"] = 2 * 2 * slots * d * m
+        flops["moe_router"] = 2 * n * d * cfg.num_experts
+    return flops
+
+
+def _capacity(cfg: DiTConfig, n: int) -> int:
+    with torch.device("meta"):
+        return cfg.moe_layer().capacity(n)
+
+
 def dit_cost(config: DiTConfig, input_size: int | tuple[int, int] | None = None,
-             text_len: int = 16) -> DiTCost:
+             text_len: int = 16, mask_ratio: float = 0.0) -> DiTCost:
     """Parameters, and the FLOPs of one image's forward pass at `input_size` (default the config's)
-    with `text_len` caption tokens, computed from the config.
+    with `text_len` caption tokens, computed from the config; with `mask_ratio`, the blocks after the
+    patch-mixer see K = round(N (1 - mask_ratio)) tokens (models/masking.py).
 
     Parameters are counted on a model built on the meta device (no memory, no arithmetic). FLOPs
     count every matrix multiply and the patch convolution at 2 FLOPs per multiply-add, as
     `torch.utils.flop_counter.FlopCounterMode` does; elementwise work (norms, softmax, GELU, SiLU,
-    modulation, RoPE, pooling) is left out by both. With N = (H/p)(W/p) tokens, L caption tokens,
-    width D, text width D_t, K = D * num_kv_heads / num_heads, M = int(D * mlp_ratio), per block:
+    modulation, RoPE, pooling, routing's top-k) is left out by both. With n tokens in a block, L
+    caption tokens, width D, text width D_t, K = D * num_kv_heads / num_heads, M = int(D * mlp_ratio):
 
-        self-attention projections  2N(D*D + D*2K + D*D)     attention  2 * 2 N N D
-        cross-attention projections 2(N D*D + L D_t*2K + N D*D)  attention  2 * 2 N L D
-        MLP                         2 * 2 N D M               adaLN      2 D * 6D
+        self-attention projections  2n(D*D + D*2K + D*D)     attention  2 * 2 n n D
+        cross-attention projections 2(n D*D + L D_t*2K + n D*D)  attention  2 * 2 n L D
+        MLP                         2 * 2 n D M               adaLN      2 D * 6D
+        MoE (instead of the MLP)    2 * 2 (E C) D M  +  router 2 n D E
+
+    where E C is the slots the experts fill: capacity_factor * n for expert choice (exactly), and up to
+    capacity_factor * top_k * n for token choice (counted full: empty slots are computed too).
+    Active parameters count the experts a token passes through on average (capacity_factor for expert
+    choice, top_k for token choice) instead of all E.
 
     Note DiT's paper (Table 4) reports multiply-adds as "Gflops": DiT-XL/2 at 32x32 latents
     (without cross-attention) is 118.6 there and 2 x 118.6 here.
     """
     cfg = dataclasses.replace(config, input_size=input_size or config.input_size)
     (height, width), p = cfg.input_size, cfg.patch_size
-    n, ell, d, dt = (height // p) * (width // p), text_len, cfg.hidden_size, cfg.text_dim
-    k = d * (cfg.num_kv_heads or cfg.num_heads) // cfg.num_heads
-    m = int(d * cfg.mlp_ratio)
-    per_block = {
-        "adaLN": 2 * d * 6 * d,
-        "self_attn_proj": 2 * n * (d * d + d * 2 * k + d * d),
-        "self_attn_sdpa": 2 * 2 * n * n * d,
-        "cross_attn_proj": 2 * (n * d * d + ell * dt * 2 * k + n * d * d),
-        "cross_attn_sdpa": 2 * 2 * n * ell * d,
-        "mlp": 2 * 2 * n * d * m,
-    }
-    if not cfg.cross_attention:
-        per_block["cross_attn_proj"] = per_block["cross_attn_sdpa"] = 0
+    d, dt = cfg.hidden_size, cfg.text_dim
+    n = (height // p) * (width // p)
+    kept = n if mask_ratio == 0 else num_kept(n, mask_ratio)
     flops = {"patch_embed": 2 * n * d * cfg.in_channels * p * p,
              "t_y_embedders": 2 * (cfg.frequency_embedding_size * d + d * d + dt * d + d * d)}
-    flops.update({part: cfg.depth * f for part, f in per_block.items()})
+    blocks = [(n, False)] * cfg.mixer_depth + [(kept, cfg.is_moe(i)) for i in range(cfg.depth)]
+    for tokens, moe in blocks:
+        for part, f in _block_flops(cfg, tokens, text_len, moe).items():
+            flops[part] = flops.get(part, 0) + f
     flops["final_layer"] = 2 * d * 2 * d + 2 * n * d * p * p * cfg.in_channels
     with torch.device("meta"):
-        params = sum(t.numel() for t in DiT(cfg).parameters())
-    return DiTCost(params, flops)
+        model = DiT(cfg)
+    params = sum(t.numel() for t in model.parameters())
+    m = int(d * cfg.mlp_ratio)
+    per_expert = d * m + m + m * d + d  # w1, b1, w2, b2 of one expert
+    used = cfg.capacity_factor if cfg.routing == "expert_choice" else cfg.top_k
+    moe_blocks = sum(cfg.is_moe(i) for i in range(cfg.depth))
+    active = params - round(moe_blocks * (cfg.num_experts - used) * per_expert)
+    return DiTCost(params, active, {part: int(f) for part, f in flops.items()})

@@ -27,14 +27,25 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+def grid_positions(h: int, w: int, scale: tuple[float, float] = (1.0, 1.0),
+                   dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column coordinates (i * scale[0], j * scale[1]) of an h x w grid, each [h, w].
+
+    scale < 1 interpolates positions (PixArt-alpha, Chen et al., 2023): a model trained on a 16 x 16
+    grid and run on 32 x 32 with scale 1/2 sees coordinates in the range it was trained on."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype), indexing="ij")
+    return ys * scale[0], xs * scale[1]
+
+
+def sincos_2d(h: int, w: int, dim: int, scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding (as in MAE/DiT): half the channels encode the row,
-    half the column, each with 1D sinusoids. Returns [h * w, dim], rows in raster order."""
+    half the column, each with 1D sinusoids. Returns [h * w, dim], rows in raster order.
+    `scale` multiplies the coordinates (`grid_positions`)."""
     if dim % 4:
         raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}.")
     quarter = dim // 4
     omega = 1.0 / 10_000 ** (torch.arange(quarter) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    ys, xs = grid_positions(h, w, scale)
     out = [f(pos.reshape(-1)[:, None] * omega[None]) for pos in (ys, xs) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1)
 
@@ -65,7 +76,8 @@ def qk_norm_layer(kind: str, head_dim: int) -> nn.Module:
     raise ValueError(f"Unknown qk_norm {kind!r}; choose one of 'none', 'layer', 'rms'.")
 
 
-def rope_2d(h: int, w: int, head_dim: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_2d(h: int, w: int, head_dim: int, theta: float = 10_000.0,
+            scale: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial 2D rotary position embedding (RoPE, Su et al., 2021; 2D axial form as in Heo et al.,
     2024, "Rotary Position Embedding for Vision Transformer") for an h x w grid in raster order.
 
@@ -73,13 +85,13 @@ def rope_2d(h: int, w: int, head_dim: int, theta: float = 10_000.0) -> tuple[tor
     a_i: the first head_dim/4 pairs by row * w_j, the other head_dim/4 by column * w_j, with
     w_j = theta^(-j / (head_dim/4)). Returns (cos, sin), each [h * w, head_dim], for `apply_rope`.
     Since rotations compose, q_m . k_n then depends on the positions only through m - n.
+    `scale` multiplies the coordinates (`grid_positions`).
     """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}.")
     quarter = head_dim // 4
     omega = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [hd/4]
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = grid_positions(h, w, scale, torch.float64)
     angles = torch.cat([ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega], dim=1)  # [h*w, hd/2]
     angles = torch.cat([angles, angles], dim=1)  # [h*w, hd]: pair (i, i + hd/2) shares an angle
     return angles.cos().float(), angles.sin().float()

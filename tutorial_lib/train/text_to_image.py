@@ -42,10 +42,12 @@ from ..diffusion.losses import (TIMESTEP_DISTRIBUTIONS, min_snr_weight, offset_n
 from ..diffusion.parametrizations import PREDICTIONS, prediction_target
 from ..diffusion.schedules import Schedule, get_schedule
 from ..models.dit import DiT, DiTConfig
+from ..models.masking import check_mask_ratio, keep_pixels, num_kept, random_keep
+from ..models.moe import router_aux_loss, routing_stats
 from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
 from ..text.base import NULL_PROMPT, check_mask
-from ..weights import atomic_write
+from ..weights import atomic_write, read_component_config, read_component_weights
 from .trainer import Trainer, TrainerConfig
 
 
@@ -87,6 +89,7 @@ class Objective:
     P_mean: float = -1.2  # edm: ln sigma ~ N(P_mean, P_std^2) (Karras et al., 2022, Sec. 5)
     P_std: float = 1.2
     sigma_data: float | None = None  # edm: the latents' std; None: measured when training starts
+    mask_ratio: float = 0.0  # DiT only: the fraction of patches dropped after the patch-mixer (models/masking.py)
 
     def __post_init__(self):
         self.t_beta, self.t_logit_normal = tuple(self.t_beta), tuple(self.t_logit_normal)
@@ -111,6 +114,7 @@ class Objective:
         if self.t_distribution not in TIMESTEP_DISTRIBUTIONS:
             raise ValueError(f"Unknown t_distribution {self.t_distribution!r}; choose from "
                              f"{', '.join(TIMESTEP_DISTRIBUTIONS)}.")
+        check_mask_ratio(self.mask_ratio)
         if not 0 <= self.cond_drop < 1:
             raise ValueError(f"cond_drop is a probability in [0, 1), got {self.cond_drop}.")
         self.noise_schedule()  # a clear error for an unknown schedule
@@ -133,6 +137,7 @@ class TextToImageConfig:
     text_encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"dim": 128} for "word"
     objective: Objective = field(default_factory=Objective)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    init_from: str | None = None  # a pipeline folder whose denoiser (and learned encoder) training starts from
 
     def __post_init__(self):
         if self.text_encoder not in TEXT_ENCODERS:
@@ -144,6 +149,12 @@ class TextToImageConfig:
         if not isinstance(self.model, config_class):
             raise ValueError(f"architecture {self.architecture!r} is configured by a {config_class.__name__}, "
                              f"got a {type(self.model).__name__}.")
+        if self.objective.mask_ratio and self.architecture != "dit":
+            raise ValueError(f"Patch masking (mask_ratio={self.objective.mask_ratio}) needs the DiT; the "
+                             f"{self.architecture} has no patch-mixer.")
+        if self.objective.mask_ratio and self.model.num_experts and self.model.routing == "expert_choice":
+            with torch.device("meta"):  # a clear error now, not at the first step
+                self.model.moe_layer().capacity(num_kept(self.model.num_tokens, self.objective.mask_ratio))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextToImageConfig":
@@ -217,8 +228,8 @@ class CaptionConditioned(nn.Module):
             return TextEmbedding(self.tokens[cond], self.mask[cond])
         return self.text_encoder.encode([self.captions[i] for i in cond.tolist()])
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
-        return self.transformer(x_t, t, self.text(text))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text, **kwargs) -> torch.Tensor:
+        return self.transformer(x_t, t, self.text(text), **kwargs)
 
 
 def class_caption_rows(model: CaptionConditioned) -> torch.Tensor:
@@ -230,9 +241,32 @@ def class_caption_rows(model: CaptionConditioned) -> torch.Tensor:
 def diffusion_loss(model, x0: torch.Tensor, text, objective: Objective,
                    generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """The module docstring's loss for latents x0 [B, C, H, W] and their captions `text` (already
-    dropped; any form `CaptionConditioned` reads); for prediction "edm", `edm_diffusion_loss`."""
-    if objective.prediction == "edm":
-        return edm_diffusion_loss(model, x0, text, objective, generator)
+    dropped; any form `CaptionConditioned` reads); for prediction "edm", `edm_diffusion_loss`.
+
+    With objective.mask_ratio > 0 the DiT sees a random (1 - mask_ratio) of each latent's patches after
+    its patch-mixer and the loss counts those patches only (models/masking.py). A MoE DiT's routing
+    statistics come back as metrics, and a token-choice router's balancing loss is added (models/moe.py)."""
+    masking = {}
+    if objective.mask_ratio:
+        p = next(m for m in model.modules() if isinstance(m, DiT)).config.patch_size
+        grid = (x0.shape[2] // p, x0.shape[3] // p)
+        keep = random_keep(x0.shape[0], grid[0] * grid[1], objective.mask_ratio, generator, x0.device)
+        masking = {"net_kwargs": {"keep": keep}, "loss_mask": keep_pixels(keep, grid, p)}
+    loss = (edm_diffusion_loss if objective.prediction == "edm" else _t_diffusion_loss)(
+        model, x0, text, objective, generator, **masking)
+    if not isinstance(model, nn.Module):  # a plain callable (tests, notebooks): no routers
+        return loss, {}
+    aux = router_aux_loss(model)
+    metrics = routing_stats(model)
+    if aux is not None:
+        metrics["router_aux_loss"] = aux.detach()
+        loss = loss + aux
+    return loss, metrics
+
+
+def _t_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, generator: torch.Generator,
+                      net_kwargs: dict | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss in t (module docstring) for x0, prediction x0, eps, v or flow."""
     b = x0.shape[0]
     schedule = objective.noise_schedule()
     t = sample_timesteps(b, objective.t_distribution, generator, beta=objective.t_beta,
@@ -244,11 +278,11 @@ def diffusion_loss(model, x0: torch.Tensor, text, objective: Objective,
     target = prediction_target(objective.prediction, x0, eps, alpha, sigma)
     weight = None if objective.min_snr_gamma is None else \
         min_snr_weight(alpha, sigma, objective.prediction, objective.min_snr_gamma)
-    return weighted_mse(model(x_t, t, text).float(), target, weight), {}
+    return weighted_mse(model(x_t, t, text, **(net_kwargs or {})).float(), target, weight, loss_mask)
 
 
-def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective,
-                       generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, generator: torch.Generator,
+                       net_kwargs: dict | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """EDM's loss (`edm.edm_loss`) for latents x0 [B, C, H, W] and their captions (already dropped):
     n ~ N(0, I) (+ offset noise), then ln sigma ~ N(P_mean, P_std^2), with `model` (what the Trainer
     passes: the CaptionConditioned, DDP-wrapped or compiled) as F inside EDMPrecond. Wrapped here,
@@ -258,9 +292,9 @@ def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective,
                          "when training starts; else set Objective(sigma_data=edm.measure_sigma_data(latents)).")
     eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
     inputs = perturb_input(eps, objective.input_perturbation, generator)
-    loss = edm_loss(EDMPrecond(model, objective.sigma_data), x0, text, generator, P_mean=objective.P_mean,
-                    P_std=objective.P_std, noise=eps.to(x0.device), input_noise=inputs.to(x0.device))
-    return loss, {}
+    return edm_loss(EDMPrecond(model, objective.sigma_data), x0, text, generator, P_mean=objective.P_mean,
+                    P_std=objective.P_std, noise=eps.to(x0.device), input_noise=inputs.to(x0.device),
+                    net_kwargs=net_kwargs, loss_mask=loss_mask)
 
 
 def make_loss_fn(rows_per_class: torch.Tensor, null_row: int, objective: Objective):
@@ -291,7 +325,28 @@ def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None, per_record
         cfg.model = dataclasses.replace(cfg.model, text_dim=encoder.dim)
     torch.manual_seed(cfg.trainer.seed)  # the denoiser's initial weights, with or without `encoder`
     captions = None if per_record else all_training_captions()
-    return CaptionConditioned(ARCHITECTURES[cfg.architecture][0](cfg.model), encoder, captions)
+    model = CaptionConditioned(ARCHITECTURES[cfg.architecture][0](cfg.model), encoder, captions)
+    if cfg.init_from:
+        init_from_pipeline(model, cfg.init_from)
+    return model
+
+
+def init_from_pipeline(model: CaptionConditioned, folder: str | Path):
+    """Start from the denoiser (and a learned text encoder) of the pipeline in `folder`: a second stage,
+    such as the unmasked fine-tune after masked training (notebook 06). The denoiser's config must
+    be this run's; the optimizer, EMA and step start afresh."""
+    folder = Path(folder)
+    name, saved = read_component_config(folder / "transformer")
+    ours = json.loads(json.dumps(dataclasses.asdict(model.config)))  # tuples -> lists, as saved
+    if name != type(model.transformer).__name__ or saved != ours:
+        diff = {k: (saved.get(k), ours.get(k)) for k in ours if saved.get(k) != ours.get(k)}
+        raise ValueError(f"init_from {folder}: its {name} has another config than this run's "
+                         f"{type(model.transformer).__name__}; (saved, this run) differ in {diff}. Train the "
+                         f"second stage with the first stage's model config (the same preset).")
+    model.transformer.load_state_dict(read_component_weights(folder / "transformer", name))
+    if model.text_encoder is not None:
+        text = folder / "text_encoder"
+        model.text_encoder.load_state_dict(read_component_weights(text, read_component_config(text)[0]))
 
 
 def train_text_to_image(cfg: TextToImageConfig, latents: torch.Tensor, labels: torch.Tensor,
