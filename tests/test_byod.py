@@ -191,3 +191,22 @@ def test_a_run_on_records_resumed_mid_epoch_ends_bit_for_bit_where_an_uninterrup
         again = load_file(last / name)
         assert again.keys() == straight[name].keys()
         assert all(torch.equal(again[k], straight[name][k]) for k in again), name
+
+
+def test_the_masked_recipe_and_its_unmasked_fine_tune_run_from_the_command_line(byod, tmp_path):
+    """notebook 06's two stages on records: 75% masking after the patch-mixer with expert-choice MoE, then
+    --init-from that pipeline without masking; a fine-tune of another preset is refused, naming the field."""
+    import json
+
+    folder, vae, root = byod
+    common = ["train", "--model", "dit", "--preset", "tiny-moe-mixer", "--batch-size", "8", "--warmup", "1",
+              "--steps", "2", "--text-encoder", "minilm", *data_flags(folder, vae, root), "--device", "cpu"]
+    main([*common, "--mask-ratio", "0.75", "--out", str(tmp_path / "masked")])
+    history = [json.loads(line) for line in (tmp_path / "masked" / "run" / "history.jsonl").read_text().splitlines()]
+    assert "unchosen" in history[-1]
+    main([*common, "--init-from", str(tmp_path / "masked"), "--out", str(tmp_path / "tuned")])
+    recorded = json.loads((tmp_path / "tuned" / "model_index.json").read_text())["_tutorial_lib"]["train_config"]
+    assert recorded["init_from"] == str(tmp_path / "masked") and recorded["objective"]["mask_ratio"] == 0.0
+    assert recorded["model"]["mixer_depth"] == 1 and recorded["model"]["num_experts"] == 4
+    with pytest.raises(ValueError, match="mixer_depth"):
+        main([*common[:4], "tiny-moe", *common[5:], "--init-from", str(tmp_path / "masked"), "--out", str(tmp_path / "x")])
