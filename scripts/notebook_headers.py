@@ -38,7 +38,12 @@ def header_cells(notebook: str) -> list[dict]:
         "\n"
         'if "google.colab" in sys.modules:\n'
         f'    %pip install -q "tutorial_lib[hf,minilm] @ git+{url}"\n'
-        "    !apt-get -qq install -y dataset-fashion-mnist > /dev/null"
+        "    !apt-get -qq update > /dev/null; apt-get -qq install -y dataset-fashion-mnist > /dev/null "
+        '|| echo "no apt package: torchvision downloads Fashion-MNIST instead"\n'
+        "\n"
+        '# The budget sizes every run: "smoke" (seconds), "default" (a laptop CPU) or "full" (a GPU).\n'
+        "# Unset, it is full on a GPU and default on a CPU. To choose, uncomment the next line:\n"
+        '# from tutorial_lib import budget; budget.use("default")'
     )
     return [
         {"cell_type": "markdown", "id": "colab-badge", "metadata": {KEY: "badge"}, "source": badge},
