@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tutorial_lib.exercises import moe
+from tutorial_lib.exercises import data, dit, edm, moe, sampling, targets, vae
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
 
@@ -18,7 +18,19 @@ def solutions(name: str):
     return module
 
 
-EXERCISES = [("06_moe_at_scale", moe.check_switch_routing, "switch_from_scratch"),
+EXERCISES = [("00_setup_and_data", data.check_to_model_images, "to_model_images_from_scratch"),
+             ("00_setup_and_data", data.check_class_means, "class_means"),
+             ("01_fmnist_latents_tiny_transformer", sampling.check_ddim_step, "ddim_step_from_scratch"),
+             ("01_fmnist_latents_tiny_transformer", sampling.check_guidance, "guided"),
+             ("02_the_full_vae", vae.check_kl, "kl_to_standard_normal"),
+             ("02_the_full_vae", vae.check_psnr, "psnr_from_scratch"),
+             ("03_dit_classifier_free_guidance", dit.check_patchify, "patchify"),
+             ("03_dit_classifier_free_guidance", dit.check_best_scale_by_fid, "best_scale_by_fid"),
+             ("04_targets_schedules_samplers", targets.check_flow_to_eps, "flow_to_eps"),
+             ("04_targets_schedules_samplers", targets.check_min_snr_v, "min_snr_weight_v"),
+             ("05_edm", edm.check_karras_grid, "karras_grid"),
+             ("05_edm", edm.check_heun, "heun_from_euler"),
+             ("06_moe_at_scale", moe.check_switch_routing, "switch_from_scratch"),
              ("06_moe_at_scale", moe.check_balancing_loss, "balancing_loss"),
              ("06_moe_at_scale", moe.check_moe_flops, "moe_flops")]
 
