@@ -22,7 +22,7 @@ EXERCISES = [("00_setup_and_data", data.check_to_model_images, "to_model_images_
              ("00_setup_and_data", data.check_class_means, "class_means"),
              ("01_fmnist_latents_tiny_transformer", sampling.check_ddim_step, "ddim_step_from_scratch"),
              ("01_fmnist_latents_tiny_transformer", sampling.check_guidance, "guided"),
-             ("02_the_full_vae", vae.check_kl, "kl_to_standard_normal"),
+             ("02_the_full_vae", vae.check_reparameterize, "reparameterize"),
              ("02_the_full_vae", vae.check_psnr, "psnr_from_scratch"),
              ("03_dit_classifier_free_guidance", dit.check_patchify, "patchify"),
              ("03_dit_classifier_free_guidance", dit.check_best_scale_by_fid, "best_scale_by_fid"),

@@ -3,8 +3,8 @@
 import torch
 
 
-def kl_to_standard_normal(mean, logvar):
-    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+def reparameterize(mean, logvar, noise):
+    return mean + (0.5 * logvar).exp() * noise  # std = exp(logvar / 2); gradients flow to mean and logvar
 
 
 def psnr_from_scratch(x, x_hat):
