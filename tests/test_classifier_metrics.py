@@ -19,6 +19,7 @@ from tutorial_lib.eval.metrics import (
     fid,
     frechet_distance,
     gaussian_stats,
+    per_class_accuracy,
     reals_baseline,
 )
 
@@ -36,6 +37,18 @@ def test_class_accuracy_agrees_with_logits(shipped_classifier, real_test, real_t
     acc = class_accuracy(shipped_classifier, to_model_images(images[:100]), labels[:100].tolist())
     expected = (logits[:100].argmax(1) == torch.as_tensor(labels[:100])).double().mean().item()
     assert acc == pytest.approx(expected)
+
+
+def test_per_class_accuracy_averages_to_the_accuracy_over_balanced_classes(shipped_classifier, real_test):
+    """Per class, the classifier's hit rate; weighted by each class's count it is the overall accuracy,
+    and a class with no images is NaN."""
+    images, labels = real_test
+    x, y = to_model_images(images[:200]), torch.as_tensor(labels[:200])
+    per_class = per_class_accuracy(shipped_classifier, x, y)
+    counts = torch.bincount(y, minlength=10).double()
+    assert per_class.shape == (10,) and ((per_class >= 0) & (per_class <= 1)).all()
+    assert (per_class * counts).sum() / counts.sum() == pytest.approx(class_accuracy(shipped_classifier, x, y.tolist()))
+    assert per_class_accuracy(shipped_classifier, x[y != 3], y[y != 3])[3].isnan()
 
 
 def test_features_shapes_and_dtype(real_test_features, shipped_classifier):

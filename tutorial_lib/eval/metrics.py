@@ -46,6 +46,15 @@ def class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels) 
     return accuracy_from_logits(features(classifier, images)[1], labels)
 
 
+def per_class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels,
+                       num_classes: int = 10) -> torch.Tensor:
+    """[num_classes]: for each class, the fraction of its images the classifier puts in it (NaN if none)."""
+    labels = torch.as_tensor(labels)
+    right = (features(classifier, images)[1].argmax(1) == labels).double()
+    return torch.stack([right[labels == k].mean() if (labels == k).any() else torch.tensor(float("nan"))
+                        for k in range(num_classes)])
+
+
 def accuracy_from_logits(logits: torch.Tensor, labels) -> float:
     return (logits.argmax(1) == torch.as_tensor(labels)).double().mean().item()
 
