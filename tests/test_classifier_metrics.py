@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tutorial_lib.data.fashion_mnist import to_model_images
+from tutorial_lib.data.fashion_mnist import CLASSES, to_model_images
 from tutorial_lib.eval import metrics
 from tutorial_lib.models.classifier import ClassifierConfig, FashionClassifier
 from tutorial_lib.eval.metrics import (
@@ -49,6 +49,22 @@ def test_per_class_accuracy_averages_to_the_accuracy_over_balanced_classes(shipp
     assert per_class.shape == (10,) and ((per_class >= 0) & (per_class <= 1)).all()
     assert (per_class * counts).sum() / counts.sum() == pytest.approx(class_accuracy(shipped_classifier, x, y.tolist()))
     assert per_class_accuracy(shipped_classifier, x[y != 3], y[y != 3])[3].isnan()
+
+
+def test_evaluate_images_reports_per_class_accuracy_of_the_classes_present(shipped_classifier, real_test,
+                                                                          monkeypatch):
+    """An evaluation's "per_class_accuracy" equals `per_class_accuracy`, by class name, without the
+    classes it has no images of."""
+    monkeypatch.setattr(metrics, "fid_from_features", lambda *a: 0.0)
+    monkeypatch.setattr(metrics, "reals_baseline", lambda *a: 0.0)
+    images, labels = real_test
+    x, y = to_model_images(images[:200]), torch.as_tensor(labels[:200])
+    keep = y != 3
+    result = evaluate_images(x[keep], y[keep].tolist(), shipped_classifier)
+    expected = per_class_accuracy(shipped_classifier, x[keep], y[keep])
+    assert list(result["per_class_accuracy"]) == [c for k, c in enumerate(CLASSES) if k != 3]
+    assert [result["per_class_accuracy"][c] for c in CLASSES if c != CLASSES[3]] == \
+        pytest.approx([v for k, v in enumerate(expected.tolist()) if k != 3])
 
 
 def test_features_shapes_and_dtype(real_test_features, shipped_classifier):
@@ -115,7 +131,7 @@ def test_evaluate_images_is_deterministic(shipped_classifier, real_test, test_st
     first = evaluate_images(x, y, shipped_classifier, seed=1)
     second = evaluate_images(x, y, shipped_classifier, seed=1)
     assert first == second
-    assert set(first) == {"n", "class_accuracy", "fid", "fid_reals_baseline"} and first["n"] == 64
+    assert set(first) == {"n", "class_accuracy", "per_class_accuracy", "fid", "fid_reals_baseline"} and first["n"] == 64
     assert first["class_accuracy"] > 0.8
 
 

@@ -1,8 +1,9 @@
-"""Pictures: image grids with row labels, denoising strips."""
+"""Pictures: image grids with row and column labels, denoising strips, per-class accuracy bars, log axes."""
 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import torch
 from PIL import Image
@@ -27,26 +28,75 @@ def grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
 
 
 def show_grid(images: torch.Tensor, nrow: int, row_labels=None, title: str | None = None,
-              path=None, scale: float = 0.6):
-    """Plot a grid (one row per label if given) with matplotlib; save it to `path` if given."""
+              path=None, scale: float = 0.6, col_labels=None):
+    """Plot a grid (one row per label if given, columns labelled below if given, e.g. with their class)
+    with matplotlib; save it to `path` if given. A title wider than the grid wraps onto more lines."""
     import matplotlib.pyplot as plt
 
     g = grid(images, nrow)
-    fig, ax = plt.subplots(figsize=(scale * nrow + (2.2 if row_labels else 0.2),
-                                    scale * g.shape[0] / g.shape[1] * nrow + 0.4))
+    width = scale * nrow + (2.2 if row_labels else 0.2)
+    fig, ax = plt.subplots(figsize=(width, scale * g.shape[0] / g.shape[1] * nrow + (0.9 if col_labels else 0.4)))
     ax.imshow(g.numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([])
+    h, w = images.shape[-2] + 2, images.shape[-1] + 2
+    if col_labels:
+        ax.set_xticks([2 + w * i + w / 2 - 1 for i in range(len(col_labels))], col_labels,
+                      rotation=40, ha="right", fontsize=8)
+        ax.tick_params(axis="x", length=0)
+    else:
+        ax.set_xticks([])
     if row_labels:
-        h = images.shape[-2] + 2
         ax.set_yticks([2 + h * i + h / 2 - 1 for i in range(len(row_labels))], row_labels)
     else:
         ax.set_yticks([])
     if title:
-        ax.set_title(title)
+        ax.set_title(textwrap.fill(title, max(20, int(8 * width))))  # ~8 characters per inch at 12 pt
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
+
+
+def per_class_bars(accuracy: dict, title: str, ax=None):
+    """Bars of per-class accuracy, one group per class and one colour per model: `accuracy` maps a
+    model's name to its class name -> fraction dict (an evaluation's "per_class_accuracy"; a missing
+    class has no bar). Returns the axes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .data.fashion_mnist import CLASSES
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 2.8))
+    width = 0.8 / len(accuracy)
+    for k, (name, by_class) in enumerate(accuracy.items()):
+        values = np.array([by_class.get(c, np.nan) for c in CLASSES], dtype=float)
+        ax.bar(np.arange(len(CLASSES)) + (k - (len(accuracy) - 1) / 2) * width, 100 * values,
+               width, label=name, color=f"C{k}")
+    low = min(min(v.values()) for v in accuracy.values())
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=30, ha="right")
+    ax.set(ylabel="class accuracy (%)", ylim=(np.floor(100 * low / 5) * 5 - 5, 100.5), title=title)
+    if len(accuracy) > 1:
+        ax.legend(loc="lower right", fontsize=8)
+    return ax
+
+
+def log_axis(ax, axis: str = "y"):
+    """Put `axis` ("x", "y" or "both") of `ax` on a log scale, labelled with plain numbers: at every
+    tick when it spans at most a decade, at 1, 2 and 5 up to three decades, at powers of ten beyond.
+    Matplotlib's default labels minor ticks on short log axes, where the labels collide. Call it after
+    plotting, as it reads the data limits."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for name in ("x", "y") if axis == "both" else (axis,):
+        getattr(ax, f"set_{name}scale")("log")
+        lo, hi = sorted(getattr(ax, f"get_{name}lim")())
+        decades = math.log10(hi / lo)
+        subs = tuple(range(1, 10)) if decades <= 1 else (1, 2, 5) if decades <= 3 else (1,)
+        target = getattr(ax, f"{name}axis")
+        target.set_major_locator(LogLocator(subs=subs, numticks=30))
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(NullFormatter())
+    return ax
 
 
 def denoising_strip(pipe, prompt: str, num_inference_steps: int = 25, guidance_scale: float = 3.0,

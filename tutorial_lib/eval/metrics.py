@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.attributes import ATTRIBUTES, is_held_out, label_attributes
 from ..data.captions import ATTRIBUTE_PROMPT_SETS, attribute_prompt_set, prompt_set
-from ..data.fashion_mnist import load_fashion_mnist, to_model_images
+from ..data.fashion_mnist import CLASSES, load_fashion_mnist, to_model_images
 from ..models.classifier import FashionClassifier, load_classifier
 from ..paths import data_root
 from ..weights import atomic_write, weights_hash
@@ -49,8 +50,12 @@ def class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels) 
 def per_class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels,
                        num_classes: int = 10) -> torch.Tensor:
     """[num_classes]: for each class, the fraction of its images the classifier puts in it (NaN if none)."""
+    return per_class_from_logits(features(classifier, images)[1], labels, num_classes)
+
+
+def per_class_from_logits(logits: torch.Tensor, labels, num_classes: int = 10) -> torch.Tensor:
     labels = torch.as_tensor(labels)
-    right = (features(classifier, images)[1].argmax(1) == labels).double()
+    right = (logits.argmax(1) == labels).double()
     return torch.stack([right[labels == k].mean() if (labels == k).any() else torch.tensor(float("nan"))
                         for k in range(num_classes)])
 
@@ -127,12 +132,15 @@ def reals_baseline(classifier: FashionClassifier, n: int, seed: int = 0) -> floa
 
 def evaluate_images(images: torch.Tensor, labels, classifier: FashionClassifier | None = None,
                     seed: int = 0) -> dict:
-    """Class accuracy, FID vs the test set and the reals baseline at the same n, in one dict."""
+    """Class accuracy (overall, and per class: class name -> accuracy for the classes present), FID vs
+    the test set and the reals baseline at the same n, in one dict."""
     classifier = classifier or load_classifier()
     feats, logits = features(classifier, images)
+    per_class = per_class_from_logits(logits, labels, len(CLASSES)).tolist()
     return {
         "n": len(images),
         "class_accuracy": accuracy_from_logits(logits, labels),
+        "per_class_accuracy": {name: a for name, a in zip(CLASSES, per_class) if not math.isnan(a)},
         "fid": fid_from_features(classifier, feats),
         "fid_reals_baseline": reals_baseline(classifier, len(images), seed),
     }
