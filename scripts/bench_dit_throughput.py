@@ -9,10 +9,11 @@ model's loss through torch.compile (its compilation happens in the untimed warm-
     python scripts/bench_dit_throughput.py                    # tiny (notebook 03), MiniLM-wide captions
     python scripts/bench_dit_throughput.py --preset DiT-S/2 --input-size 32
     python scripts/bench_dit_throughput.py --preset DiT-XL/2 --input-size 32 --device cuda --precision bf16
+    python scripts/bench_dit_throughput.py --adaln-single     # + a row: our DiT with PixArt's adaLN-single
 
 Each model first runs `--warmup` untimed steps; then `--repeats` timed repeats of `--steps` steps
-each, the two models interleaved (A B B A A B ...) so that load from elsewhere on the machine hits
-both alike. The table gives each model's median images/s and the median over repeats of the ratio
+each, the models interleaved (A B B A A B ...) so that load from elsewhere on the machine hits
+them alike. The table gives each model's median images/s and the median over repeats of the ratio
 ours / PixArt (measured back to back): above 1, our DiT trains faster at this size. The results go
 to `--out` as JSON; nothing is asserted. On the CPU it runs one thread by default: on a small
 machine shared with other work, OpenMP threads wait on each other at every op and the timings
@@ -21,7 +22,9 @@ scatter by 3x or more (`--threads 0` keeps torch's default).
 The two are not the same network, so their parameters and FLOPs differ: our DiT has an adaLN
 modulation Linear(D, 6D) in every block and cross-attends to the caption tokens at D_text, while
 PixArt has one shared adaLN-single with a learned per-block table and first projects the caption
-tokens to width D. The FLOPs column counts each model's matrix multiplies with
+tokens to width D. `--adaln-single` adds a third model, "DiT + adaLN-single (ours)": our DiT with PixArt's
+adaLN-single (`DiTConfig.adaln_single`), so that its ratio to PixArt leaves out the modulation's share of
+the difference. The FLOPs column counts each model's matrix multiplies with
 `torch.utils.flop_counter.FlopCounterMode` (one image, on the CPU, whose fused attention kernel
 it does not count); `dit_cost` is our analytic count, attention included.
 
@@ -104,9 +107,16 @@ def pixart_like(cfg: DiTConfig) -> PixArtTransformer2DModel:
         use_additional_conditions=False)
 
 
-def build_models(cfg: DiTConfig) -> dict[str, torch.nn.Module]:
+SINGLE = "DiT + adaLN-single (ours)"
+
+
+def build_models(cfg: DiTConfig, adaln_single: bool = False) -> dict[str, torch.nn.Module]:
+    """Our DiT and PixArt of its shape; with `adaln_single`, also our DiT with adaLN-single (SINGLE)."""
     torch.manual_seed(0)
-    return {"DiT (ours)": DiT(cfg), "PixArt": pixart_like(cfg)}
+    models = {"DiT (ours)": DiT(cfg), "PixArt": pixart_like(cfg)}
+    if adaln_single:
+        models[SINGLE] = DiT(dataclasses.replace(cfg, adaln_single=True))
+    return models
 
 
 def make_batch(cfg: DiTConfig, batch_size: int, text_len: int, device) -> dict[str, torch.Tensor]:
@@ -196,6 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: forward and backward under bfloat16 autocast, float32 weights")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model's loss")
+    parser.add_argument("--adaln-single", action="store_true",
+                        help=f"also time our DiT with PixArt's adaLN-single (the row {SINGLE!r})")
     parser.add_argument("--peak-tflops", type=float,
                         help=f"the device's peak dense bf16 TFLOP/s for MFU (default: ${PEAK_ENV}, "
                              "else the table PEAK_BF16_TFLOPS by GPU name)")
@@ -213,13 +225,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.input_size:
         overrides["input_size"] = args.input_size
     cfg = preset(args.preset, **overrides)
-    models = build_models(cfg)
+    models = build_models(cfg, args.adaln_single)
     batch = make_batch(cfg, args.batch_size, args.text_len, device)
     gflops = {name: counted_gflops(model, batch) for name, model in models.items()}
     params = {name: params_by_part(model) for name, model in models.items()}
     cost = dit_cost(cfg, text_len=args.text_len)
     uncounted = cost.flops_by_part["self_attn_sdpa"] + cost.flops_by_part["cross_attn_sdpa"]
-    forward_flops = {"DiT (ours)": cost.flops, "PixArt": round(gflops["PixArt"] * 1e9) + uncounted}
+    forward_flops = {name: dit_cost(model.config, text_len=args.text_len).flops
+                     for name, model in models.items() if isinstance(model, DiT)}
+    forward_flops["PixArt"] = round(gflops["PixArt"] * 1e9) + uncounted
     loss_fn = torch.compile(mse) if args.compile else mse  # one graph per model (guards tell them apart)
     optimizers = {}
     for name, model in models.items():
@@ -233,8 +247,9 @@ def run(args: argparse.Namespace) -> dict:
         for name in names if r % 2 == 0 else names[::-1]:
             seconds = timed_steps(models[name], loss_fn, optimizers[name], batch, args.steps, device, args.precision)
             rates[name].append(args.batch_size * args.steps / seconds)
-    ours, theirs = names
-    ratios = [a / b for a, b in zip(rates[ours], rates[theirs])]
+    ratios_by_model = {name: [a / b for a, b in zip(rates[name], rates["PixArt"])]
+                       for name in names if name != "PixArt"}
+    ratios = ratios_by_model["DiT (ours)"]
     median = {name: statistics.median(r) for name, r in rates.items()}
     name_of_device = device_name(device)
     peak, peak_source = peak_tflops(name_of_device, args.peak_tflops)
@@ -246,14 +261,16 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.text_dim}; batch {args.batch_size}, {args.repeats} x {args.steps} steps, {args.precision}"
           f"{', compiled' if args.compile else ''} on {name_of_device} ({device.type}, threads "
           f"{torch.get_num_threads()})")
-    print(f"{'model':<12} {'params':>12} {'matmul GFLOP/img':>17} {'images/s':>10} {'min..max':>18} {'MFU':>7}")
+    width = max(len(name) for name in names)
+    print(f"{'model':<{width}} {'params':>12} {'matmul GFLOP/img':>17} {'images/s':>10} {'min..max':>18} {'MFU':>7}")
     for name in names:
         spread = f"{min(rates[name]):.1f}..{max(rates[name]):.1f}"
         shown = "-" if mfus[name] is None else f"{mfus[name]:.1%}"
-        print(f"{name:<12} {sum(params[name].values()):>12,} {gflops[name]:>17.4f} {median[name]:>10.1f} "
+        print(f"{name:<{width}} {sum(params[name].values()):>12,} {gflops[name]:>17.4f} {median[name]:>10.1f} "
               f"{spread:>18} {shown:>7}")
-    print(f"ratio ours/PixArt (median of {args.repeats} per-repeat ratios): {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    for name, r in ratios_by_model.items():
+        print(f"ratio {name}/PixArt (median of {args.repeats} per-repeat ratios): {statistics.median(r):.3f} "
+              f"(min {min(r):.3f}, max {max(r):.3f})")
     print(f"dit_cost: {cost.gflops:.4f} GFLOP per image forward (attention included); MFU against "
           f"{'no peak' if peak is None else f'{peak} TFLOP/s ({peak_source})'}")
 
@@ -266,6 +283,8 @@ def run(args: argparse.Namespace) -> dict:
         "matmul_gflops_per_image": gflops, "dit_cost_gflops_per_image": cost.gflops,
         "images_per_s": rates, "median_images_per_s": median,
         "ratio_ours_over_pixart": ratios, "median_ratio_ours_over_pixart": statistics.median(ratios),
+        "ratio_over_pixart": ratios_by_model,
+        "median_ratio_over_pixart": {name: statistics.median(r) for name, r in ratios_by_model.items()},
         "flops_unit": "FLOPs, 2 per multiply-add",
         "forward_flops_per_image": forward_flops,
         "peak_bf16_tflops": peak, "peak_source": peak_source,

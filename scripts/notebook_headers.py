@@ -37,7 +37,7 @@ def header_cells(notebook: str) -> list[dict]:
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
-        f'    %pip install -q "tutorial_lib[hf,minilm] @ git+{url}"\n'
+        f'    %pip install -q "tutorial_lib[hf,minilm,lora] @ git+{url}"\n'
         "    !apt-get -qq update > /dev/null; apt-get -qq install -y dataset-fashion-mnist > /dev/null "
         '|| echo "no apt package: torchvision downloads Fashion-MNIST instead"\n'
         "\n"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (or refresh) everything a run needs; safe to run again.
-#   scripts/setup.sh          the library and its notebook, hf and minilm extras
+#   scripts/setup.sh          the library and its notebook, hf, minilm and lora extras
 #   scripts/setup.sh dev      the same plus the test tools (pytest, nbval, k-diffusion's samplers)
 # Creates or reuses .venv, installs torch/torchvision (the tested pair, overridable with
 # TORCH_SPEC), installs tutorial_lib in editable mode, and makes sure Fashion-MNIST is present.
@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing $torch_spec"
   "${pip[@]}" $torch_spec
 fi
-if [ "$extras" = dev ]; then target=".[dev]"; else target=".[hf,minilm,notebooks]"; fi
+if [ "$extras" = dev ]; then target=".[dev]"; else target=".[hf,minilm,notebooks,lora]"; fi
 echo "setup: installing tutorial_lib$target"
 "${pip[@]}" -e "$target"
 if [ "$extras" = dev ]; then

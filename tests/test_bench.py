@@ -35,3 +35,16 @@ def test_models_match_in_shape():
 def test_unmatched_options_are_refused():
     with pytest.raises(ValueError, match="qk_norm"):
         bench.pixart_like(preset("tiny", qk_norm="rms"))
+
+
+def test_adaln_single_adds_a_row(tmp_path, capsys):
+    """--adaln-single times our DiT with PixArt's adaLN-single too, with its own ratio to PixArt."""
+    argv = ["--text-dim", "16", "--text-len", "4", "--batch-size", "2", "--steps", "1", "--repeats", "2",
+            "--warmup", "0", "--device", "cpu", "--adaln-single", "--out", str(tmp_path / "bench.json")]
+    result = bench.run(bench.parse_args(argv))
+    names = {"DiT (ours)", "PixArt", bench.SINGLE}
+    assert set(result["median_images_per_s"]) == names and set(result["median_ratio_over_pixart"]) == names - {"PixArt"}
+    assert result["ratio_over_pixart"]["DiT (ours)"] == result["ratio_ours_over_pixart"]
+    params = {name: p["total"] for name, p in result["params"].items()}
+    assert params["DiT (ours)"] > params[bench.SINGLE]  # the blocks' adaLN MLPs, shared
+    assert f"ratio {bench.SINGLE}/PixArt" in capsys.readouterr().out

@@ -18,11 +18,14 @@ torchrun would start them, training a tiny DiT (two blocks, so two FSDP units an
 (e) export_ema() on rank 0 is a plain CPU model equal to a one-process run's EMA, bit for bit;
     None on rank 1. sample_fn gets such a plain model on rank 0.
 (f) A batch that the ranks do not divide is a clear error, under DDP and FSDP.
+(g) Notebook 07's DiT options (adaLN-single, whose shared t_block is in the root shard; Integrator Neurons,
+    inside the blocks) with activation checkpointing take the one-process steps too, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -46,6 +49,7 @@ from tutorial_lib.train.trainer import Trainer, TrainerConfig
 
 TINY = DiTConfig(in_channels=2, input_size=(4, 4), patch_size=2, hidden_size=16, depth=2, num_heads=2,
                  text_dim=8, frequency_embedding_size=16)
+TINY_OPTIONS = dataclasses.replace(TINY, adaln_single=True, integrator=True)  # (g)
 # Measured over 6 steps: at most 4.8e-5 (only the blocks run in bfloat16, and their adaLN-Zero gates start at 0).
 BF16_LOSS = 1e-3  # relative to the float32 run's losses
 
@@ -127,6 +131,11 @@ def _worker(rank: int, port: int, root: str):
                                  run_config(root / "ac_fsdp", activation_checkpointing=True)).fit()
         out["ac_ddp"] = Trainer(tiny_dit(), fixed_noise_loss, data(),
                                 run_config(root / "ac_ddp", activation_checkpointing=True, parallelism="ddp")).fit()
+        torch.manual_seed(0)  # (g)
+        options = Trainer(DiT(TINY_OPTIONS), fixed_noise_loss, data(),
+                          run_config(root / "options", activation_checkpointing=True))
+        out["options"] = options.fit()
+        out["options_units"] = [type(m).__name__ for m in distributed.fsdp_units(options.model)]
 
         # (c) stopped in step 5, resumed from step 3's checkpoint.
         straight = Trainer(tiny_dit(), drawn_noise_loss, data(), run_config(root / "straight"))
@@ -300,3 +309,11 @@ def test_fsdp_configs_that_cannot_work_are_clear_errors():
         TrainerConfig(parallelism="fsdp", mixed_precision="fp16")
     with pytest.raises(ValueError, match="posthoc_ema_sigma_rels is not supported with parallelism='fsdp'"):
         TrainerConfig(parallelism="fsdp", posthoc_ema_sigma_rels=(0.05,), posthoc_snapshot_every=2)
+
+
+def test_notebook_07_options_take_the_one_process_steps(fsdp_run, tmp_path):
+    _, (rank0, rank1) = fsdp_run
+    torch.manual_seed(0)
+    one = Trainer(DiT(TINY_OPTIONS), fixed_noise_loss, data(), run_config(tmp_path, grad_accum_steps=2))
+    assert losses(rank0["options"]) == losses(one.fit()) and rank0["options"] == rank1["options"]
+    assert rank0["options_units"] == ["FSDPDiTBlock", "FSDPDiTBlock"] and len(set(losses(rank0["options"]))) == 6

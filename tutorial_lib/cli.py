@@ -3,8 +3,9 @@
   train-classifier   train the yardstick classifier       -> tutorial_lib/assets/classifier.safetensors
   train-vae          train the KL autoencoder             -> tutorial_lib/assets/vae.safetensors
   encode-latents     encode Fashion-MNIST once into the latent cache under data/
-  train              train a text-to-image model on the cached latents: notebook 03's DiT (--model dit)
-                     or notebook 01's tiny transformer (--model tiny_transformer); torchrun: DDP or FSDP
+  train              train a text-to-image model on the cached latents: notebook 03's DiT (--model dit),
+                     notebook 07's MMDiT (--model mmdit) or UNet (--model unet), or notebook 01's tiny
+                     transformer (--model tiny_transformer); torchrun: DDP or FSDP
   sample             write a sample grid, one row per prompt (--prompt "..."; default: the class prompts)
   evaluate           class accuracy and feature-space FID of a model's samples
   posthoc-ema        EDM2 post-hoc EMA of a `train --model dit --posthoc-ema` run: reconstruct
@@ -201,6 +202,14 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """'q,kv,out' -> ('q', 'kv', 'out'), for argparse."""
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def _positive(text: str) -> int:
     """'8' -> 8, an int >= 1, for argparse."""
     try:
@@ -225,21 +234,25 @@ def _prompt_sets(text: str) -> str:
 
 
 # Per-architecture defaults of the flags left unset: notebook 01's recipe for its tiny transformer
-# (x0-prediction, t ~ Beta(1, 2.5), a word encoder trained with it), notebook 03's for the DiT.
+# (x0-prediction, t ~ Beta(1, 2.5), a word encoder trained with it), notebook 03's for the DiT, the MMDiT
+# and the UNet (notebook 07 compares them at one recipe).
 ARCHITECTURE_DEFAULTS = {
     "tiny_transformer": {"preset": "cpu", "text_encoder": "word", "prediction": "x0", "t_distribution": "beta"},
     "dit": {"preset": "tiny", "text_encoder": "minilm", "prediction": "v", "t_distribution": "uniform"},
+    "mmdit": {"preset": "tiny", "text_encoder": "minilm", "prediction": "v", "t_distribution": "uniform"},
+    "unet": {"preset": "tiny", "text_encoder": "minilm", "prediction": "v", "t_distribution": "uniform"},
 }
 
 
 def _model_config(a):
     """The denoiser's config: a preset of the architecture, with the text encoder's width."""
-    from .models import dit, tiny_transformer
+    from .models import dit, mmdit, tiny_transformer, unet
 
-    return (dit if a.model == "dit" else tiny_transformer).preset(a.preset)
+    return {"dit": dit, "mmdit": mmdit, "unet": unet, "tiny_transformer": tiny_transformer}[a.model].preset(a.preset)
 
 
 def _train_config(a):
+    from .train.lora import LoRAConfig
     from .train.text_to_image import Objective, TextToImageConfig
     from .train.trainer import TrainerConfig
 
@@ -263,9 +276,12 @@ def _train_config(a):
                             parallelism=a.parallelism, activation_checkpointing=a.activation_checkpointing,
                             num_workers=a.num_workers, device=a.device)
     kwargs = {"dim": _model_config(a).text_dim} if a.text_encoder == "word" else {}
+    if a.lora_rank is None and (a.lora_alpha is not None or a.lora_targets is not None):
+        raise ValueError("--lora-alpha and --lora-targets shape a LoRA adapter: give its --lora-rank too.")
+    lora = None if a.lora_rank is None else LoRAConfig(a.lora_rank, a.lora_alpha, a.lora_targets)
     return TextToImageConfig(model=_model_config(a), architecture=a.model, text_encoder=a.text_encoder,
                              text_encoder_kwargs=kwargs, objective=objective, trainer=trainer,
-                             init_from=None if a.init_from is None else str(a.init_from))
+                             init_from=None if a.init_from is None else str(a.init_from), lora=lora)
 
 
 def _cmd_train(a):
@@ -296,18 +312,31 @@ def _cmd_train(a):
     ema = trainer.export_ema()  # every rank takes part; rank 0 gets the model
     if not info.is_main:
         return None
+    record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
+              "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}
+    if cfg.lora is not None:
+        return _save_adapter(trainer, ema, a.out, record)
     encoder = ema.text_encoder or text_encoder(cfg.text_encoder, **cfg.text_encoder_kwargs)
     o = cfg.objective  # an EDM run's sigma_data, measured when training started, is recorded here
     pipe = TextToImagePipeline(ema.transformer, encoder, vae, prediction=o.prediction, schedule=o.schedule,
                                zero_terminal_snr=o.zero_terminal_snr, sigma_data=o.sigma_data,
                                sampler=default_sampler(o.noise_schedule(), o.prediction),
                                t_max=start_level(o.prediction, o.noise_schedule()))
-    record = {"command": "python -m tutorial_lib " + " ".join(a.argv), "train_seconds": seconds,
-              "final_loss": trainer.history[-1]["loss"], "train_config": cfg.to_dict()}
     pipe.save_pretrained(a.out, **record)
     print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
                       "final_loss": round(record["final_loss"], 4)}))
     return pipe
+
+
+def _save_adapter(trainer, ema, out: Path, record: dict):
+    """A LoRA run's result: the EMA's adapter alone in OUT, in peft's format (train/lora.py), with the run's
+    record and the adapter's size against the denoiser's in OUT/training.json."""
+    from .train.lora import save_lora, trainable_share
+
+    adapter, base = trainable_share(trainer.model.transformer)
+    save_lora(ema.transformer, out, **record, adapter_parameters=adapter, base_parameters=base)
+    print(json.dumps({"adapter": str(out), "adapter_parameters": adapter, "base_parameters": base,
+                      "train_seconds": round(record["train_seconds"], 1), "final_loss": round(record["final_loss"], 4)}))
 
 
 def _fit_latents(cfg, shape):
@@ -316,7 +345,7 @@ def _fit_latents(cfg, shape):
     import dataclasses
 
     c, h, w = shape
-    if cfg.architecture == "dit":
+    if cfg.architecture in ("dit", "mmdit", "unet"):
         return dataclasses.replace(cfg.model, in_channels=c, input_size=(h, w))
     if h != w:
         raise ValueError(f"The tiny transformer takes square latents; the VAE made {c}x{h}x{w}.")
@@ -503,8 +532,10 @@ def _add_common(p):
 
 
 def _add_train(p, steps):
-    p.add_argument("--preset", help="model size: tiny (default), tiny-moe, tiny-mixer, DiT-S/2, MoE-DiT-XL/2, ... for "
-                   "--model dit (models/dit.py PRESETS); cpu (default) or base for --model tiny_transformer")
+    p.add_argument("--preset", help="model size: tiny (default), tiny-moe, tiny-mixer, tiny-single, tiny-integrator, "
+                   "DiT-S/2, MoE-DiT-XL/2, ... for --model dit (models/dit.py PRESETS); tiny (default), "
+                   "MMDiT-S/2, ... for --model mmdit (models/mmdit.py PRESETS); tiny (default), small, SD-1.5 for --model "
+                   "unet (models/unet.py PRESETS); cpu (default) or base for --model tiny_transformer")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
                    if steps else "optimizer steps (default: by TUTORIAL_BUDGET: 20, 1200 or 6000)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
@@ -606,19 +637,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a text-to-image model (notebook 03's DiT or notebook 01's transformer)")
     _add_train(p, steps=3000)
-    p.add_argument("--model", choices=("dit", "tiny_transformer"), default="dit",
-                   help="the architecture: dit, notebook 03's DiT (--preset tiny, DiT-S/2, ...), or "
+    p.add_argument("--model", choices=("dit", "mmdit", "unet", "tiny_transformer"), default="dit",
+                   help="the architecture: dit, notebook 03's DiT (--preset tiny, DiT-S/2, ...), mmdit, "
+                        "notebook 07's MMDiT/Flux blocks (--preset tiny, MMDiT-S/2, ...), unet, notebook 07's UNet "
+                        "(diffusers' UNet2DConditionModel; --preset tiny, small, SD-1.5), or "
                         "tiny_transformer, notebook 01's (--preset cpu|base) (default: %(default)s)")
     p.add_argument("--config", help="a JSON TextToImageConfig (replaces the other training flags, "
                    "--seed included; --device applies when the file sets no device)")
-    p.add_argument("--text-encoder", help="one_hot, word, minilm or clip (default: minilm for dit, word, "
-                   "trained with it, for tiny_transformer)")
-    p.add_argument("--prediction", help="x0, eps, v, flow or edm (Karras et al., 2022) (default: v for dit, "
-                   "x0 for tiny_transformer)")
+    p.add_argument("--text-encoder", help="one_hot, word, minilm or clip (default: minilm for dit, mmdit and unet, "
+                   "word, trained with it, for tiny_transformer)")
+    p.add_argument("--prediction", help="x0, eps, v, flow or edm (Karras et al., 2022) (default: v for dit, mmdit "
+                   "and unet, x0 for tiny_transformer)")
     p.add_argument("--schedule", default="cosine", help="cosine, linear, scaled_linear or flow")
     p.add_argument("--zero-terminal-snr", action="store_true", help="rescale a beta schedule to SNR(1) = 0")
     p.add_argument("--t-distribution", help="uniform, beta (Beta(1, 2.5)) or logit_normal (default: uniform "
-                   "for dit, beta for tiny_transformer)")
+                   "for dit, mmdit and unet, beta for tiny_transformer)")
     p.add_argument("--t-shift", type=float, default=1.0, help="> 1 biases training t towards noise")
     p.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-gamma loss weights")
     p.add_argument("--cond-drop", type=float, default=0.1, help="null-caption probability")
@@ -658,8 +691,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path,
                    help="start from this pipeline folder's denoiser (same preset), e.g. the unmasked fine-tune "
                         "after a --mask-ratio run")
+    p.add_argument("--lora-rank", type=_positive,
+                   help="with --init-from: train a LoRA adapter of this rank alone (the denoiser frozen) and save "
+                        "the adapter, in peft's format, in --out instead of a pipeline (train/lora.py), e.g. 4")
+    p.add_argument("--lora-alpha", type=float, help="the LoRA update is scaled by alpha / rank (default: alpha = rank)")
+    p.add_argument("--lora-targets", type=_names, metavar="NAME,NAME",
+                   help="the linear layers LoRA adapts, by name or name suffix (default: the architecture's "
+                        "attention and MLP linears, train/lora.py TARGETS)")
     p.add_argument("--out", type=Path, default=Path("outputs/model"),
-                   help="folder to save the pipeline in (default: %(default)s)")
+                   help="folder to save the pipeline (with --lora-rank: the adapter) in (default: %(default)s)")
     _add_data(p)
     _add_common(p)
     p.set_defaults(func=_cmd_train)

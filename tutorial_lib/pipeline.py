@@ -12,7 +12,8 @@ Saved in diffusers' directory layout (`save_pretrained`), so the folder is also 
 
     model_index.json              the pipeline class, each component's (library, class), sampling config
     tutorial_pipeline.py          two lines that import this class: diffusers' custom-pipeline hook
-    transformer/                  config.json + diffusion_pytorch_model.safetensors (DiT or TinyTransformer)
+    transformer/                  config.json + diffusion_pytorch_model.safetensors (DiT, MMDiT, UNet,
+                                  TinyTransformer; the UNet's keys are "unet." + diffusers' own, models/unet.py)
     text_encoder/                 config.json (+ weights for a learned encoder; a pretrained one is
                                   named and hashed with its dtype, its weights come from its own package)
     vae/                          a diffusers.AutoencoderKL folder (vae.diffusers_interop)
@@ -42,7 +43,9 @@ from .diffusion.parametrizations import PREDICTIONS, well_defined, x0_denoiser
 from .diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, check_churn, samplers_for
 from .diffusion.schedules import Schedule, get_schedule
 from .models.dit import DiT, DiTConfig
+from .models.mmdit import MMDiT, MMDiTConfig
 from .models.tiny_transformer import TinyTransformer, TinyTransformerConfig
+from .models.unet import UNet, UNetConfig
 from .text import (MiniLMEncoder, OneHotConfig, OneHotEncoder, TextEmbedding, TextEncoder,
                    WordEncoder, WordEncoderConfig, check_prompts, load_clip_encoder)
 from .vae.autoencoder import AutoencoderKL, load_vae
@@ -53,6 +56,7 @@ from .weights import (COMPONENT_WEIGHTS as WEIGHTS, WeightsError, atomic_write, 
 SHIM = "tutorial_pipeline"
 # Components saved as (config dataclass + safetensors): class name -> (class, config class).
 TRAINED = {"DiT": (DiT, DiTConfig), "TinyTransformer": (TinyTransformer, TinyTransformerConfig),
+           "MMDiT": (MMDiT, MMDiTConfig), "UNet": (UNet, UNetConfig),
            "WordEncoder": (WordEncoder, WordEncoderConfig), "OneHotEncoder": (OneHotEncoder, OneHotConfig)}
 EPS_T_MAX = 0.99  # alpha = 0.016, SNR 2.5e-4 on the cosine schedule (DDPM's linear one ends at 4e-5)
 MODEL_OPTIONS = ("prediction", "schedule", "zero_terminal_snr", "sigma_data")  # what the transformer learned
@@ -78,7 +82,7 @@ def _concat(a: TextEmbedding, b: TextEmbedding) -> TextEmbedding:
 def latent_shape(transformer) -> tuple[int, int, int]:
     """(C, H, W) of the latents the denoiser was built for."""
     cfg = transformer.config
-    if isinstance(cfg, DiTConfig):
+    if isinstance(cfg, (DiTConfig, MMDiTConfig, UNetConfig)):
         return (cfg.in_channels, *cfg.input_size)
     return cfg.latent_channels, cfg.latent_size, cfg.latent_size
 
@@ -225,8 +229,8 @@ def _parse_to(args, device, dtype, torch_dtype) -> tuple[torch.device | None, to
 class TextToImagePipeline(DiffusionPipeline):
     """`pipe(prompt or prompts, num_inference_steps, guidance_scale, seed or generator)` -> PIL images.
 
-    transformer   a denoiser F(x_t [B, C, H, W], t [B], TextEmbedding) -> [B, C, H, W]: the DiT, or
-                  notebook 01's TinyTransformer; it predicts `prediction` on the `schedule`
+    transformer   a denoiser F(x_t [B, C, H, W], t [B], TextEmbedding) -> [B, C, H, W]: the DiT, the
+                  MMDiT, the UNet, or notebook 01's TinyTransformer; it predicts `prediction` on the `schedule`
     text_encoder  a tutorial_lib TextEncoder (the one it was trained with)
     vae           our AutoencoderKL (or a diffusers one, converted, in its dtype); default: the shipped
                   VAE, in the transformer's dtype

@@ -34,6 +34,18 @@ Notebook 06's options, for training at scale (micro_diffusion, Sehwag et al., 20
 - pos_interpolation: positions scaled to the config's grid when the latent is larger or smaller
   (PixArt-alpha's interpolation, used by the references from 256 to 512 pixels).
 
+Notebook 07's options (the architecture zoo):
+- adaln_single: PixArt-alpha's adaLN-single (Chen et al., 2023, section 2.3). One shared MLP, t_block
+  (SiLU, Linear(D, 6D)), turns c into the six modulations once; each block adds its own learned table
+  scale_shift_table [6, D] (initialised N(0, 1/D), as PixArt's) to them instead of running its own adaLN
+  MLP of 6D^2 + 6D parameters: DiT-XL/2 loses 29% of its parameters (32% without cross-attention). The
+  final layer's shift and scale are, as in PixArt, c plus a table [2, D]. The final linear map is still
+  zeroed, so a fresh model still outputs 0; its blocks are not the identity (the tables' gates start
+  random, as in PixArt).
+- integrator: Integrator Neurons (models/integrator.py) at the end of every block (the patch-mixer's
+  too): a per-token gate decides, over integrator_iterations steps, how much of a refinement MLP the token
+  takes. forward(..., return_gates=True) also returns the gates; `integrator.compute_fractions` averages them.
+
 Activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost") is a
 switch on the module, not a config field, so configs and saved weights do not depend on it (as
 diffusers' `gradient_checkpointing`): with `model.gradient_checkpointing = True` (the Trainer's
@@ -50,12 +62,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..text.base import TextEmbedding, masked_mean
+from .integrator import GATE_RATIO, IntegratorNeurons
 from .layers import MLP, Attention, modulate, rope_2d, sincos_2d, timestep_embedding
 from .masking import num_kept, restore_tokens, take_tokens
 from .moe import ROUTINGS, ExpertChoiceMoE, TokenChoiceMoE
@@ -90,6 +104,10 @@ class DiTConfig:
     router_aux_loss_coef: float = 0.01  # token choice: weight of the load-balancing loss
     mixer_depth: int = 0  # patch-mixer blocks, on all tokens before masking (models/masking.py)
     pos_interpolation: bool = False  # scale positions to input_size's grid on other latent sizes
+    adaln_single: bool = False  # PixArt-alpha's shared modulation MLP plus a table per block
+    integrator: bool = False  # Integrator Neurons at the end of every block (models/integrator.py)
+    integrator_iterations: int = 2  # T, the gated refinement steps of each Integrator
+    integrator_mlp_ratio: float = 1.0  # the refinement MLP's hidden width / D
 
     def __post_init__(self):
         # JSON (the safetensors metadata) turns tuples into lists; an int means a square latent.
@@ -118,6 +136,10 @@ class DiTConfig:
         if self.num_experts < 0 or self.moe_every < 1 or self.mixer_depth < 0:
             raise ValueError(f"Need num_experts >= 0, moe_every >= 1 and mixer_depth >= 0, got "
                              f"{self.num_experts}, {self.moe_every}, {self.mixer_depth}.")
+        if self.integrator_iterations < 1 or int(self.hidden_size * self.integrator_mlp_ratio) < 1:
+            raise ValueError(f"Integrator Neurons need integrator_iterations >= 1 and integrator_mlp_ratio > 0, got "
+                             f"{self.integrator_iterations} and {self.integrator_mlp_ratio}; integrator=False turns "
+                             f"them off.")
         if self.routing not in ROUTINGS:
             raise ValueError(f"Unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}.")
         if self.num_experts:  # a clear error now for a layer that could not be built or run
@@ -176,6 +198,9 @@ PRESETS.update({f"MoE-DiT-{name}/2": dataclasses.replace(_SIZES[name], mixer_dep
                 for name in ("S", "B")})
 PRESETS["MoE-DiT-XL/2"] = DiTConfig(hidden_size=1024, depth=20, num_heads=16, mixer_depth=4, **_SPARSE)
 
+# Notebook 07's presets: the tiny DiT with adaLN-single, and with Integrator Neurons (T = 2 steps).
+PRESETS.update({"tiny-single": DiTConfig(adaln_single=True), "tiny-integrator": DiTConfig(integrator=True)})
+
 
 def preset(name: str, **overrides) -> DiTConfig:
     """A fresh copy of the named config, with `overrides` (any DiTConfig field) applied.
@@ -187,8 +212,27 @@ def preset(name: str, **overrides) -> DiTConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
+def adaln_layers(cfg: DiTConfig, k: int) -> tuple[nn.Module | None, nn.Parameter | None]:
+    """(adaLN_modulation, scale_shift_table) of a layer that needs k shifts, scales or gates of width D:
+    adaLN-Zero's own MLP c [B, D] -> [B, k D], or adaLN-single's table [k, D] (set by `initialize_weights`)."""
+    d = cfg.hidden_size
+    if cfg.adaln_single:
+        return None, nn.Parameter(torch.empty(k, d))
+    return nn.Sequential(nn.SiLU(), nn.Linear(d, k * d)), None
+
+
+def adaln(layer: nn.Module, c: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """k modulations [B, D] of `layer` (built by `adaln_layers`): adaLN_modulation(c) with c [B, D]; with
+    adaLN-single, c + scale_shift_table, c being t_block's shared [B, k D] or, for the final layer, c [B, D]."""
+    if layer.scale_shift_table is None:
+        return layer.adaLN_modulation(c).chunk(k, dim=1)
+    table = layer.scale_shift_table  # [k, D]
+    return (c.view(len(c), -1, table.shape[1]) + table).unbind(1)  # [B, k or 1, D] + [k, D] -> k x [B, D]
+
+
 class DiTBlock(nn.Module):
-    """Self-attention, cross-attention to the text, MLP; adaLN-Zero gates on the first and last."""
+    """Self-attention, cross-attention to the text, MLP; adaLN-Zero gates on the first and last; optionally
+    Integrator Neurons at the end."""
 
     def __init__(self, cfg: DiTConfig, moe: bool = False):
         super().__init__()
@@ -202,16 +246,22 @@ class DiTBlock(nn.Module):
             self.norm_cross = self.cross_attn = None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = cfg.moe_layer() if moe else MLP(d, cfg.mlp_ratio)  # MoE: [B, N, D] -> [B, N, D] as the MLP
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.adaLN_modulation, self.scale_shift_table = adaln_layers(cfg, 6)
+        self.integrator = (IntegratorNeurons(d, cfg.integrator_iterations, cfg.integrator_mlp_ratio)
+                           if cfg.integrator else None)
 
-    def forward(self, x, c, text: TextEmbedding, rope=None):
-        """x [B, N, D], c [B, D], text tokens [B, L, D_text] with mask [B, L] -> [B, N, D]."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [B, D]
+    def forward(self, x, c, text: TextEmbedding, rope=None, return_gates: bool = False):
+        """x [B, N, D], c [B, D] (adaLN-single: t_block's [B, 6D]), text tokens [B, L, D_text] with mask
+        [B, L] -> [B, N, D]; with return_gates, also the Integrator's gates [B, T, N]."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(self, c, 6)  # 6 x [B, D]
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), text.tokens, text.mask)
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.integrator is None:
+            return x
+        x, gates = self.integrator(x, shift_mlp, scale_mlp)  # the MLP's modulation conditions it on c
+        return (x, gates) if return_gates else x
 
 
 class FinalLayer(nn.Module):
@@ -221,11 +271,11 @@ class FinalLayer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.adaLN_modulation, self.scale_shift_table = adaln_layers(cfg, 2)
         self.linear = nn.Linear(d, cfg.patch_size ** 2 * cfg.in_channels)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x [B, D]
+        shift, scale = adaln(self, c, 2)  # 2 x [B, D]
         return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, N, p*p*C]
 
 
@@ -244,6 +294,8 @@ class DiT(nn.Module):
         f = cfg.frequency_embedding_size
         self.t_embedder = nn.Sequential(nn.Linear(f, d), nn.SiLU(), nn.Linear(d, d))
         self.y_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+        # adaLN-single: one modulation MLP for every block, c [B, D] -> [B, 6D]
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if cfg.adaln_single else None
         self.mixer = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.mixer_depth))  # on all tokens
         self.blocks = nn.ModuleList(DiTBlock(cfg, cfg.is_moe(i)) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
@@ -253,7 +305,9 @@ class DiT(nn.Module):
     def initialize_weights(self):
         """All initialisation in one place, as DiT's: Xavier-uniform linear layers with zero biases
         (the patch embedding as the linear map it is), N(0, 0.02) for the t and y embedders, and
-        zeros for every adaLN modulation, the cross-attention output and the final layer."""
+        zeros for every adaLN modulation, the cross-attention output and the final layer. adaLN-single
+        as PixArt-alpha: N(0, 0.02) for t_block, N(0, 1/D) for the tables. Integrator Neurons: zeros
+        for the refinement's output layer."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -266,12 +320,18 @@ class DiT(nn.Module):
             nn.init.normal_(embedder[0].weight, std=0.02)
             nn.init.normal_(embedder[2].weight, std=0.02)
         blocks = [*self.mixer, *self.blocks]
-        zeroed = [block.adaLN_modulation[-1] for block in blocks]
+        modulated = [*blocks, self.final_layer]
+        zeroed = [layer.adaLN_modulation[-1] for layer in modulated if layer.adaLN_modulation is not None]
         zeroed += [block.cross_attn.out for block in blocks if block.cross_attn is not None]
-        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        zeroed += [block.integrator.refine[-1] for block in blocks if block.integrator is not None]
+        zeroed += [self.final_layer.linear]
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.t_block is not None:
+            nn.init.normal_(self.t_block[1].weight, std=0.02)
+            for layer in modulated:
+                nn.init.normal_(layer.scale_shift_table, std=self.config.hidden_size ** -0.5)
 
     def positions(self, h: int, w: int, device) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """For an h x w grid of patches: the sin-cos embedding [h*w, D], or RoPE's (cos, sin)."""
@@ -290,12 +350,15 @@ class DiT(nn.Module):
         return sincos_2d(h, w, cfg.hidden_size, scale).to(device)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """nn.Module's, with a clear error for weights of a DiT with another patch-mixer or other experts."""
-        for part, field_name in (("mixer.", "mixer_depth"), ("mlp.router.", "num_experts")):
+        """nn.Module's, with a clear error for weights of a DiT with or without a patch-mixer, experts,
+        adaLN-single or Integrator Neurons where this one differs."""
+        for part, field_name, what in (("mixer.", "mixer_depth", "a patch-mixer"),
+                                       ("mlp.router.", "num_experts", "MoE layers"),
+                                       ("t_block.", "adaln_single", "adaLN-single"),
+                                       ("integrator.", "integrator", "Integrator Neurons")):
             saved = any(k.startswith(part) or f".{part}" in k for k in state_dict)
             ours = any(k.startswith(part) or f".{part}" in k for k in self.state_dict())
             if strict and saved != ours:
-                what = "a patch-mixer" if part == "mixer." else "MoE layers"
                 raise ValueError(f"These weights come from a DiT {'with' if saved else 'without'} {what}, and this "
                                  f"one is {'without' if saved else 'with'}: build the DiT with the checkpoint's "
                                  f"config ({field_name} as saved in its config.json).")
@@ -320,15 +383,20 @@ class DiT(nn.Module):
             raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, "
                              f"text {tokens.shape[0]}.")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding, keep: torch.Tensor | None = None,
+                return_gates: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t [B, C, H, W], noise level t [B] in [0, 1], caption tokens -> F(x_t) [B, C, H, W].
 
         keep [B, K] (`masking.random_keep`): the blocks after the mixer see only these tokens; the
-        masked patches' output is the final layer's on zero tokens, meaningless (the loss skips them)."""
+        masked patches' output is the final layer's on zero tokens, meaningless (the loss skips them).
+        return_gates (integrator=True): (F(x_t), the Integrator gates [B, blocks, T, N]), blocks being the
+        mixer's then the others, N in raster order (`integrator.compute_fractions`)."""
         self.check_inputs(x, t, text)
         if keep is not None and (keep.ndim != 2 or keep.shape[0] != x.shape[0]):
             raise ValueError(f"keep must hold [B, K] token indices for B = {x.shape[0]}, got {tuple(keep.shape)}.")
+        if return_gates and (not self.config.integrator or keep is not None):
+            raise ValueError("return_gates needs a DiT built with integrator=True, run on all tokens (keep=None); "
+                             f"got integrator={self.config.integrator}, keep {'given' if keep is not None else None}.")
         cfg, p = self.config, self.config.patch_size
         b, c_in, height, width = x.shape
         h, w = height // p, width // p
@@ -342,24 +410,32 @@ class DiT(nn.Module):
         dtype = self.t_embedder[0].weight.dtype
         t_emb = self.t_embedder(timestep_embedding(t, cfg.frequency_embedding_size).to(dtype))  # [B, D]
         c = t_emb + self.y_embedder(masked_mean(text).to(dtype))  # [B, D_text] -> [B, D]
+        c_blocks = c if self.t_block is None else self.t_block(c)  # adaLN-single: [B, D] -> [B, 6D], shared
 
-        tokens = self.run_blocks(self.mixer, tokens, c, text, rope)  # [B, N, D]
+        gates = [] if return_gates else None
+        tokens = self.run_blocks(self.mixer, tokens, c_blocks, text, rope, gates)  # [B, N, D]
         if keep is not None:
             tokens = take_tokens(tokens, keep)  # [B, K, D]
             if rope is not None:
                 rope = tuple(r[keep][:, None] for r in rope)  # each [B, 1, K, head_dim]
-        tokens = self.run_blocks(self.blocks, tokens, c, text, rope)  # [B, K or N, D]
+        tokens = self.run_blocks(self.blocks, tokens, c_blocks, text, rope, gates)  # [B, K or N, D]
         if keep is not None:
             tokens = restore_tokens(tokens, keep, h * w)  # [B, N, D]
         out = self.final_layer(tokens, c)  # [B, N, p*p*C]
         out = out.reshape(b, h, w, p, p, c_in)  # [B, h, w, p, p, C]
-        return torch.einsum("bhwpqc->bchpwq", out).reshape(b, c_in, height, width)  # [B, C, H, W]
+        out = torch.einsum("bhwpqc->bchpwq", out).reshape(b, c_in, height, width)  # [B, C, H, W]
+        return (out, torch.stack(gates, dim=1)) if return_gates else out  # gates [B, blocks, T, N]
 
-    def run_blocks(self, blocks: nn.ModuleList, tokens, c, text, rope):
+    def run_blocks(self, blocks: nn.ModuleList, tokens, c, text, rope, gates: list | None = None):
+        """tokens [B, N, D] through `blocks`; each block's Integrator gates [B, T, N] appended to `gates` if given."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in blocks:
-            args = (tokens, c, text, rope)
-            tokens = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)  # [B, N, D]
+            run = partial(checkpoint, block, use_reentrant=False) if recompute else block
+            if gates is None:
+                tokens = run(tokens, c, text, rope)  # [B, N, D]
+            else:
+                tokens, block_gates = run(tokens, c, text, rope, return_gates=True)
+                gates.append(block_gates)
         return tokens
 
 
@@ -387,7 +463,7 @@ def _block_flops(cfg: DiTConfig, n: int, ell: int, moe: bool) -> dict[str, float
     k = d * (cfg.num_kv_heads or cfg.num_heads) // cfg.num_heads
     m = int(d * cfg.mlp_ratio)
     flops = {
-        "adaLN": 2 * d * 6 * d,
+        "adaLN": 0 if cfg.adaln_single else 2 * d * 6 * d,  # adaLN-single: a table, added (elementwise)
         "self_attn_proj": 2 * n * (d * d + d * 2 * k + d * d),
         "self_attn_sdpa": 2 * 2 * n * n * d,
         "cross_attn_proj": 2 * (n * d * d + ell * dt * 2 * k + n * d * d),
@@ -401,6 +477,9 @@ def _block_flops(cfg: DiTConfig, n: int, ell: int, moe: bool) -> dict[str, float
         slots = cfg.num_experts * _capacity(cfg, n)
         flops["moe_experts"] = 2 * 2 * slots * d * m
         flops["moe_router"] = 2 * n * d * cfg.num_experts
+    if cfg.integrator:  # every step runs for every token: T gate MLPs and T refinement MLPs
+        g, r = int(d * GATE_RATIO), int(d * cfg.integrator_mlp_ratio)
+        flops["integrator"] = cfg.integrator_iterations * (2 * n * (d * g + g) + 2 * 2 * n * d * r)
     return flops
 
 
@@ -425,11 +504,14 @@ def dit_cost(config: DiTConfig, input_size: int | tuple[int, int] | None = None,
         cross-attention projections 2(n D*D + L D_t*2K + n D*D)  attention  2 * 2 n L D
         MLP                         2 * 2 n D M               adaLN      2 D * 6D
         MoE (instead of the MLP)    2 * 2 (E C) D M  +  router 2 n D E
+        Integrator Neurons          T (2n(D G + G) + 2 * 2 n D R),  G = int(D / 4), R = int(D integrator_mlp_ratio)
 
     where E C is the slots the experts fill: capacity_factor * n for expert choice (exactly), and up to
     capacity_factor * top_k * n for token choice (counted full: empty slots are computed too).
     Active parameters count the experts a token passes through on average (capacity_factor for expert
-    choice, top_k for token choice) instead of all E.
+    choice, top_k for token choice) instead of all E. With adaLN-single, the blocks' adaLN is a table
+    (no FLOPs) and "adaLN" is the shared t_block's 2 D * 6D, once; the final layer's modulation is a
+    table too. Integrator Neurons are counted at all T steps, which they always compute (soft gates).
 
     Note DiT's paper (Table 4) reports multiply-adds as "Gflops": DiT-XL/2 at 32x32 latents
     (without cross-attention) is 118.6 there and 2 x 118.6 here.
@@ -445,7 +527,10 @@ def dit_cost(config: DiTConfig, input_size: int | tuple[int, int] | None = None,
     for tokens, moe in blocks:
         for part, f in _block_flops(cfg, tokens, text_len, moe).items():
             flops[part] = flops.get(part, 0) + f
-    flops["final_layer"] = 2 * d * 2 * d + 2 * n * d * p * p * cfg.in_channels
+    if cfg.adaln_single:
+        flops["adaLN"] = 2 * d * 6 * d  # t_block, shared by all blocks
+    final_adaln = 0 if cfg.adaln_single else 2 * d * 2 * d
+    flops["final_layer"] = final_adaln + 2 * n * d * p * p * cfg.in_channels
     with torch.device("meta"):
         model = DiT(cfg)
     params = sum(t.numel() for t in model.parameters())

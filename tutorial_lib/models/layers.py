@@ -151,6 +151,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, dim: int, ratio: float = 4.0):
+    """Linear(dim, int(dim * ratio)), tanh-GELU, Linear(.., out_dim or dim): [..., dim] -> [..., out_dim]."""
+
+    def __init__(self, dim: int, ratio: float = 4.0, out_dim: int | None = None):
         hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, out_dim or dim))
+
+
+def check_denoiser_inputs(x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                          channels: int, text_dim: int):
+    """Clear errors for a denoiser's inputs x [B, channels, H, W], t [B], caption tokens [B, L, text_dim]
+    and a bool mask [B, L]. Shapes and dtypes only: no look at the values, so no sync with the host."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"Expected latents [B, {channels}, H, W], got {tuple(x.shape)}.")
+    if tokens.ndim != 3 or tokens.shape[2] != text_dim:
+        raise ValueError(f"Expected text tokens [B, L, {text_dim}], got {tuple(tokens.shape)}.")
+    if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
+        raise ValueError(f"Expected a bool text mask {tuple(tokens.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}.")
+    if t.shape != (x.shape[0],) or tokens.shape[0] != x.shape[0]:
+        raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, text {tokens.shape[0]}.")

@@ -81,13 +81,13 @@ def record_loss_fn(objective: Objective, null: TextEmbedding | None = None, post
 
 def check_latent_shape(cfg: TextToImageConfig, shape: tuple[int, int, int]):
     """A clear error unless the denoiser of `cfg` reads latents of `shape` (C, h, w)."""
-    m = cfg.model
-    channels, size = (m.in_channels, tuple(m.input_size)) if cfg.architecture == "dit" else \
+    m, patches = cfg.model, cfg.architecture in ("dit", "mmdit")
+    channels, size = (m.in_channels, tuple(m.input_size)) if patches else \
         (m.latent_channels, (m.latent_size, m.latent_size))
     if (channels, size) != (shape[0], tuple(shape[1:])):
         raise ValueError(f"The {cfg.architecture} is configured for latents {channels}x{size[0]}x{size[1]} but the "
                          f"VAE made {shape[0]}x{shape[1]}x{shape[2]}: set its "
-                         f"{'in_channels and input_size' if cfg.architecture == 'dit' else 'latent_channels and latent_size'}"
+                         f"{'in_channels and input_size' if patches else 'latent_channels and latent_size'}"
                          " to match (the CLI does so), or encode with a VAE of the model's latent shape.")
 
 

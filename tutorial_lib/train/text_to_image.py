@@ -21,6 +21,9 @@ Captions are rows of a fixed table (every training caption, then ""), so "" is e
 condition the pipeline samples with. A frozen text encoder (MiniLM, CLIP) is run once over the
 table (`text.cache.caption_embeddings`) and never again; a learned one (the word encoder, a learned
 one-hot table) trains with the DiT and is saved with it.
+
+With `lora` (a LoRAConfig), the run fine-tunes init_from's denoiser through a LoRA adapter alone
+(train/lora.py): every other weight is frozen, and the adapter is what the CLI saves.
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ from ..diffusion.parametrizations import PREDICTIONS, prediction_target
 from ..diffusion.schedules import Schedule, get_schedule
 from ..models.dit import DiT, DiTConfig
 from ..models.masking import check_mask_ratio, keep_pixels, num_kept, random_keep
+from ..models.mmdit import MMDiT, MMDiTConfig
 from ..models.moe import router_aux_loss, routing_stats
 from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
+from ..models.unet import UNet, UNetConfig
 from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
 from ..text.base import NULL_PROMPT, check_mask
 from ..weights import atomic_write, read_component_config, read_component_weights
+from .lora import LoRAConfig, add_lora
 from .trainer import Trainer, TrainerConfig
 
 
@@ -124,22 +130,28 @@ class Objective:
 
 
 # architecture name -> (denoiser class, its config class)
-ARCHITECTURES = {"dit": (DiT, DiTConfig), "tiny_transformer": (TinyTransformer, TinyTransformerConfig)}
+ARCHITECTURES = {"dit": (DiT, DiTConfig), "tiny_transformer": (TinyTransformer, TinyTransformerConfig),
+                 "mmdit": (MMDiT, MMDiTConfig), "unet": (UNet, UNetConfig)}
 
 
 @dataclass
 class TextToImageConfig:
     """One training run: the denoiser, the text encoder, the objective and the trainer's settings."""
 
-    model: DiTConfig | TinyTransformerConfig = field(default_factory=DiTConfig)
-    architecture: str = "dit"  # "dit" (notebook 03) or "tiny_transformer" (notebook 01): ARCHITECTURES
+    model: DiTConfig | TinyTransformerConfig | MMDiTConfig | UNetConfig = field(default_factory=DiTConfig)
+    # "dit" (notebook 03), "tiny_transformer" (notebook 01), "mmdit" or "unet" (07): ARCHITECTURES
+    architecture: str = "dit"
     text_encoder: str = "minilm"  # one of text.TEXT_ENCODERS
     text_encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"dim": 128} for "word"
     objective: Objective = field(default_factory=Objective)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init_from: str | None = None  # a pipeline folder whose denoiser (and learned encoder) training starts from
+    lora: LoRAConfig | None = None  # fine-tune init_from's denoiser through a LoRA adapter alone (train/lora.py)
 
     def __post_init__(self):
+        if self.lora is not None and not self.init_from:
+            raise ValueError("A LoRA adapter fine-tunes a trained denoiser: set init_from (--init-from) to the "
+                             "pipeline folder of the model to adapt.")
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"Unknown text encoder {self.text_encoder!r}; choose from "
                              f"{', '.join(TEXT_ENCODERS)}.")
@@ -160,7 +172,7 @@ class TextToImageConfig:
     def from_dict(cls, d: dict) -> "TextToImageConfig":
         """From the nested dict of `to_dict` (or a JSON config file); unknown keys are an error."""
         parts = {"model": ARCHITECTURES.get(d.get("architecture", "dit"), ARCHITECTURES["dit"])[1], "objective": Objective,
-                 "trainer": TrainerConfig}
+                 "trainer": TrainerConfig, "lora": LoRAConfig}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Unknown config keys {sorted(unknown)}.")
@@ -328,6 +340,10 @@ def build(cfg: TextToImageConfig, encoder: TextEncoder | None = None, per_record
     model = CaptionConditioned(ARCHITECTURES[cfg.architecture][0](cfg.model), encoder, captions)
     if cfg.init_from:
         init_from_pipeline(model, cfg.init_from)
+    if cfg.lora is not None:  # the adapter alone trains: the denoiser's weights and a learned encoder are frozen
+        if model.text_encoder is not None:
+            model.text_encoder.requires_grad_(False)
+        add_lora(model.transformer, cfg.lora, base=cfg.init_from)
     return model
 
 
@@ -337,6 +353,8 @@ def init_from_pipeline(model: CaptionConditioned, folder: str | Path):
     be this run's; the optimizer, EMA and step start afresh."""
     folder = Path(folder)
     name, saved = read_component_config(folder / "transformer")
+    if name == type(model.transformer).__name__ and set(saved) <= {f.name for f in dataclasses.fields(model.config)}:
+        saved = json.loads(json.dumps(dataclasses.asdict(type(model.config)(**saved))))  # later fields: defaults
     ours = json.loads(json.dumps(dataclasses.asdict(model.config)))  # tuples -> lists, as saved
     if name != type(model.transformer).__name__ or saved != ours:
         diff = {k: (saved.get(k), ours.get(k)) for k in ours if saved.get(k) != ours.get(k)}
