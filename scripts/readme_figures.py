@@ -22,6 +22,7 @@ FIGURES = {
     "04_targets_schedules_samplers": ("02bc2e77", 0, "04_targets_by_nfe.png"),
     "05_edm": ("nb05-26", 0, "05_samplers.png"),
     "06_moe_at_scale": ("nb06-09", 0, "06_routing.png"),
+    "07_architectures": ("nb07-15", 0, "07_zoo.png"),
     "shipped": ("269afc40", 0, "shipped_dit_t2i.png"),  # notebook 03's grid of the shipped DiT
 }
 

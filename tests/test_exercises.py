@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tutorial_lib.exercises import data, dit, edm, moe, sampling, targets, vae
+from tutorial_lib.exercises import data, dit, edm, moe, sampling, targets, vae, zoo
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
 
@@ -31,6 +31,8 @@ BY_NOTEBOOK = {  # notebook -> its exercises' (check, solution function), in the
     "05_edm": [(edm.check_karras_grid, "karras_grid"), (edm.check_heun, "heun_from_euler")],
     "06_moe_at_scale": [(moe.check_switch_routing, "switch_from_scratch"), (moe.check_balancing_loss, "balancing_loss"),
                         (moe.check_moe_flops, "moe_flops")],
+    "07_architectures": [(zoo.check_adaln_single_saving, "adaln_single_saving"),
+                         (zoo.check_lora_parameters, "lora_parameters")],
 }
 EXERCISES = [(notebook, check, solution) for notebook, pairs in BY_NOTEBOOK.items() for check, solution in pairs]
 
