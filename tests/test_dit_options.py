@@ -13,7 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.test_dit import half_precision_gap, inputs, randomize, text, tiny
+from tests.denoisers import fit_losses, inputs, randomize
+from tests.test_dit import half_precision_gap, text, tiny
 from tutorial_lib.models.dit import PRESETS, DiT, DiTConfig, dit_cost
 from tutorial_lib.models.integrator import IntegratorNeurons, compute_fractions
 from tutorial_lib.weights import load_model, save_weights
@@ -60,15 +61,7 @@ def test_fresh_model_outputs_zeros_and_learns(option):
     x, t = inputs()
     with torch.no_grad():
         assert torch.equal(model(x, t, text()), torch.zeros_like(x))
-    target = torch.randn_like(x)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(25):
-        loss = (model(x, t, text()) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, text(), 25, 3e-3)
     assert losses[-1] < 0.6 * losses[0]
     trained = [p for name, p in model.named_parameters() if "scale_shift_table" in name or "integrator" in name]
     assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)

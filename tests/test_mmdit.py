@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tutorial_lib.models.layers import apply_rope, rope_2d
 from tutorial_lib.models.mmdit import (PRESETS, MMDiT, MMDiTConfig, _rope_order, flux_config, from_flux,
                                        from_flux_state_dict, mmdit_cost, preset)
+from tests.denoisers import caption, fit_losses, inputs, randomize
 from tutorial_lib.text.base import TextEmbedding, masked_mean
 from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
 
@@ -26,24 +27,8 @@ def tiny(**overrides) -> MMDiTConfig:
     return preset("tiny", **{**sizes, **overrides})
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter, so no layer is still zero (adaLN-Zero would hide everything)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def text(b: int = 2, length: int = 5, real=(3, 1), seed: int = 1) -> TextEmbedding:
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.arange(length)[None] < torch.tensor(real)[:, None]  # [B, L]
-    return TextEmbedding(torch.randn(b, length, TEXT_DIM, generator=gen), mask)
-
-
-def inputs(b: int = 2, c: int = 4, h: int = 8, w: int = 8, seed: int = 2):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(b, c, h, w, generator=gen), torch.rand(b, generator=gen)
+    return caption(TEXT_DIM, b, length, real, seed)
 
 
 # ----------------------------------------------------------------------------- diffusers' Flux
@@ -209,16 +194,7 @@ def test_zero_init_model_learns():
     """Zero gates still pass gradients (to the final layer first), so a few steps fit a batch."""
     torch.manual_seed(0)
     model = MMDiT(tiny())
-    x, t = inputs()
-    target = torch.randn_like(x)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = (model(x, t, text()) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, text(), 20, 1e-2)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -13,6 +13,7 @@ from tutorial_lib.models import dit
 from tutorial_lib.models.layers import timestep_embedding
 from tutorial_lib.models.unet import PRESETS, UNet, UNetConfig, preset, unet_cost
 from tutorial_lib.pipeline import TextToImagePipeline
+from tests.denoisers import caption, fit_losses, inputs, randomize
 from tutorial_lib.text.base import TextEmbedding, masked_mean
 
 TEXT_DIM = 16
@@ -27,24 +28,8 @@ def tiny(**overrides) -> UNetConfig:
     return preset("tiny", **{**sizes, **overrides})
 
 
-def randomize(model: UNet, seed: int = 0) -> UNet:
-    """Perturb every parameter, so conv_out is no longer zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def text(b: int = 2, length: int = 5, real=(2, 1), seed: int = 1, dim: int = TEXT_DIM) -> TextEmbedding:
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.arange(length)[None] < torch.tensor(real)[:, None]  # [B, L]
-    return TextEmbedding(torch.randn(b, length, dim, generator=gen), mask)
-
-
-def inputs(b: int = 2, c: int = 4, h: int = 8, w: int = 8, seed: int = 2):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(b, c, h, w, generator=gen), torch.rand(b, generator=gen)
+    return caption(dim, b, length, real, seed)
 
 
 # ----------------------------------------------------------------------------- presets and configs
@@ -94,16 +79,7 @@ def test_zero_init_model_learns():
     """The zeroed conv_out gets a gradient at once (its input features are not 0), so a batch is fit."""
     torch.manual_seed(0)
     model = UNet(tiny())
-    x, t = inputs()
-    target = torch.randn_like(x)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss = (model(x, t, text()) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, text(), 30, 3e-3)
     assert losses[-1] < 0.5 * losses[0]
 
 

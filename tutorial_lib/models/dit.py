@@ -78,6 +78,15 @@ POS_EMBEDS = ("sincos", "rope")
 QK_NORMS = ("none", "layer", "rms")
 
 
+def latent_grid(input_size, patch_size: int) -> tuple[int, int]:
+    """A config's latent size as (H, W), each divisible by patch_size: JSON (the safetensors metadata)
+    turns tuples into lists, and an int means a square latent."""
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if len(size) != 2 or patch_size < 1 or any(s % patch_size for s in size):
+        raise ValueError(f"input_size {size} must be (H, W), each divisible by patch_size {patch_size}.")
+    return size
+
+
 @dataclass
 class DiTConfig:
     """A DiT's shape. Field names follow DiT's code (hidden_size, depth, num_heads, mlp_ratio)."""
@@ -110,13 +119,7 @@ class DiTConfig:
     integrator_mlp_ratio: float = 1.0  # the refinement MLP's hidden width / D
 
     def __post_init__(self):
-        # JSON (the safetensors metadata) turns tuples into lists; an int means a square latent.
-        size = self.input_size
-        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
-        p = self.patch_size
-        if len(self.input_size) != 2 or p < 1 or any(s % p for s in self.input_size):
-            raise ValueError(f"input_size {self.input_size} must be (H, W), each divisible by "
-                             f"patch_size {p}.")
+        self.input_size = latent_grid(self.input_size, self.patch_size)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
                              f"{self.num_heads}.")

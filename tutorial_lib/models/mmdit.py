@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..text.base import TextEmbedding, masked_mean
-from .dit import DiT, DiTConfig, DiTCost, FinalLayer
+from .dit import DiT, DiTConfig, DiTCost, FinalLayer, latent_grid
 from .layers import MLP, apply_rope, modulate, qk_norm_layer, rope_2d, timestep_embedding
 
 
@@ -82,13 +82,7 @@ class MMDiTConfig:
     frequency_embedding_size: int = 256  # width of the sinusoidal t embedding fed to t_embedder
 
     def __post_init__(self):
-        # JSON (the safetensors metadata) turns tuples into lists; an int means a square latent.
-        size = self.input_size
-        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
-        p = self.patch_size
-        if len(self.input_size) != 2 or p < 1 or any(s % p for s in self.input_size):
-            raise ValueError(f"input_size {self.input_size} must be (H, W), each divisible by "
-                             f"patch_size {p}.")
+        self.input_size = latent_grid(self.input_size, self.patch_size)
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"2D RoPE needs hidden_size / num_heads to be a whole head dimension divisible "
                              f"by 4, got {self.hidden_size} / {self.num_heads}.")

@@ -1,0 +1,44 @@
+"""Inputs and checks shared by the denoiser tests (DiT, MMDiT, UNet: any forward(x, t, text))."""
+
+from __future__ import annotations
+
+import torch
+
+from tutorial_lib.text.base import TextEmbedding
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter, so no layer is still zero (adaLN-Zero would hide everything)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def caption(dim: int, b: int = 2, length: int = 5, real=(2, 1), seed: int = 1) -> TextEmbedding:
+    """Random caption tokens [b, length, dim] whose first real[i] tokens are real, the rest padding."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.arange(length)[None] < torch.tensor(real)[:, None]  # [B, L]
+    return TextEmbedding(torch.randn(b, length, dim, generator=gen), mask)
+
+
+def inputs(b: int = 2, c: int = 4, h: int = 8, w: int = 8, seed: int = 2):
+    """Random latents x [b, c, h, w] and noise levels t [b]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, h, w, generator=gen), torch.rand(b, generator=gen)
+
+
+def fit_losses(model: torch.nn.Module, text: TextEmbedding, steps: int, lr: float) -> list[float]:
+    """The losses of `steps` Adam steps fitting the model's output on one batch to a random target."""
+    x, t = inputs()
+    target = torch.randn_like(x)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = (model(x, t, text) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
