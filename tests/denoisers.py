@@ -42,3 +42,20 @@ def fit_losses(model: torch.nn.Module, text: TextEmbedding, steps: int, lr: floa
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def check_caption_mask(model: torch.nn.Module, emb: TextEmbedding, other: TextEmbedding):
+    """What sits behind the caption mask, and how many padding positions there are, do not change the
+    output; one more real token, or another caption, does."""
+    x, t = inputs()
+    real = int(emb.mask.sum(1).max())  # the longest caption's real tokens
+    with torch.no_grad():
+        out = model(x, t, emb)
+        junk = emb.tokens.clone()
+        junk[~emb.mask] = 100.0
+        torch.testing.assert_close(model(x, t, TextEmbedding(junk, emb.mask)), out)
+        torch.testing.assert_close(model(x, t, TextEmbedding(emb.tokens[:, :real], emb.mask[:, :real])), out)
+        unmasked = emb.mask.clone()
+        unmasked[:, real] = True
+        assert not torch.allclose(model(x, t, TextEmbedding(emb.tokens, unmasked)), out)
+        assert not torch.allclose(model(x, t, other), out)

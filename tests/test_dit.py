@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tutorial_lib.models.dit import PRESETS, DiT, DiTConfig, dit_cost, preset
 from tutorial_lib.models.layers import Attention, apply_rope, rope_2d
-from tests.denoisers import caption, fit_losses, inputs, randomize
+from tests.denoisers import caption, check_caption_mask, fit_losses, inputs, randomize
 from tutorial_lib.text.base import TextEmbedding
 from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
 
@@ -135,22 +135,7 @@ def test_training_after_sampling_in_inference_mode(pos_embed):
 @pytest.mark.parametrize("variant", ["plain", "no_cross"])
 def test_padding_tokens_do_not_matter_but_the_mask_does(variant):
     torch.manual_seed(0)
-    model = randomize(DiT(tiny(**VARIANTS[variant])))
-    x, t = inputs()
-    emb = text(length=5, real=(2, 1))
-    with torch.no_grad():
-        out = model(x, t, emb)
-        junk = emb.tokens.clone()
-        junk[~emb.mask] = 100.0  # whatever sits behind the mask
-        torch.testing.assert_close(model(x, t, TextEmbedding(junk, emb.mask)), out)
-        # Fewer padding positions (5 -> 2) give the same output too.
-        torch.testing.assert_close(model(x, t, TextEmbedding(emb.tokens[:, :2], emb.mask[:, :2])), out)
-        unmasked = emb.mask.clone()
-        unmasked[:, 2] = True  # one more real token
-        assert not torch.allclose(model(x, t, TextEmbedding(emb.tokens, unmasked)), out)
-        other = text(seed=5)
-        assert not torch.allclose(model(x, t, other), out)
-        assert not torch.allclose(model(x, t.flip(0), emb), out)
+    check_caption_mask(randomize(DiT(tiny(**VARIANTS[variant]))), text(length=5, real=(2, 1)), text(seed=5))
 
 
 # ----------------------------------------------------------------------------- attention options

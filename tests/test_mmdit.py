@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tutorial_lib.models.layers import apply_rope, rope_2d
 from tutorial_lib.models.mmdit import (PRESETS, MMDiT, MMDiTConfig, _rope_order, flux_config, from_flux,
                                        from_flux_state_dict, mmdit_cost, preset)
-from tests.denoisers import caption, fit_losses, inputs, randomize
+from tests.denoisers import caption, check_caption_mask, fit_losses, inputs, randomize
 from tutorial_lib.text.base import TextEmbedding, masked_mean
 from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
 
@@ -216,21 +216,7 @@ def test_seeded_construction_is_deterministic():
 # ----------------------------------------------------------------------------- the caption mask
 def test_padding_tokens_do_not_matter_but_the_mask_does():
     torch.manual_seed(0)
-    model = randomize(MMDiT(tiny()))
-    x, t = inputs()
-    emb = text(length=5, real=(3, 1))
-    with torch.no_grad():
-        out = model(x, t, emb)
-        junk = emb.tokens.clone()
-        junk[~emb.mask] = 100.0  # whatever sits behind the mask
-        torch.testing.assert_close(model(x, t, TextEmbedding(junk, emb.mask)), out)
-        # Fewer padding positions (5 -> 3) give the same output too.
-        torch.testing.assert_close(model(x, t, TextEmbedding(emb.tokens[:, :3], emb.mask[:, :3])), out)
-        unmasked = emb.mask.clone()
-        unmasked[:, 3] = True  # one more real token
-        assert not torch.allclose(model(x, t, TextEmbedding(emb.tokens, unmasked)), out)
-        assert not torch.allclose(model(x, t, text(seed=5)), out)
-        assert not torch.allclose(model(x, t.flip(0), emb), out)
+    check_caption_mask(randomize(MMDiT(tiny())), text(length=5, real=(3, 1)), text(seed=5))
 
 
 # ----------------------------------------------------------------------------- cost

@@ -282,6 +282,22 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, N, p*p*C]
 
 
+def init_dit_like(model: nn.Module):
+    """DiT's initialisation of the parts every DiT-like model has: Xavier-uniform linear layers with zero
+    biases, the patch embedding (x_embedder) as the linear map it is, N(0, 0.02) for the t and y embedders."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:  # the MoE router has none
+                nn.init.zeros_(m.bias)
+    w = model.x_embedder.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.bias)
+    for embedder in (model.t_embedder, model.y_embedder):
+        nn.init.normal_(embedder[0].weight, std=0.02)
+        nn.init.normal_(embedder[2].weight, std=0.02)
+
+
 class DiT(nn.Module):
     """forward(x [B, C, H, W], t [B] in [0, 1], TextEmbedding(tokens [B, L, D_text], mask [B, L]))
     -> [B, C, H, W]. H and W may be any multiples of patch_size."""
@@ -311,17 +327,7 @@ class DiT(nn.Module):
         zeros for every adaLN modulation, the cross-attention output and the final layer. adaLN-single
         as PixArt-alpha: N(0, 0.02) for t_block, N(0, 1/D) for the tables. Integrator Neurons: zeros
         for the refinement's output layer."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:  # the MoE router has none
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        for embedder in (self.t_embedder, self.y_embedder):
-            nn.init.normal_(embedder[0].weight, std=0.02)
-            nn.init.normal_(embedder[2].weight, std=0.02)
+        init_dit_like(self)
         blocks = [*self.mixer, *self.blocks]
         modulated = [*blocks, self.final_layer]
         zeroed = [layer.adaLN_modulation[-1] for layer in modulated if layer.adaLN_modulation is not None]

@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..text.base import TextEmbedding, masked_mean
-from .dit import DiT, DiTConfig, DiTCost, FinalLayer, latent_grid
+from .dit import DiT, DiTConfig, DiTCost, FinalLayer, init_dit_like, latent_grid
 from .layers import MLP, apply_rope, modulate, qk_norm_layer, rope_2d, timestep_embedding
 
 
@@ -236,16 +236,7 @@ class MMDiT(nn.Module):
     def initialize_weights(self):
         """As the DiT's: Xavier-uniform linear layers (the patch embedding too) with zero biases,
         N(0, 0.02) for the t and y embedders, zeros for every adaLN modulation and the final layer."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        for embedder in (self.t_embedder, self.y_embedder):
-            nn.init.normal_(embedder[0].weight, std=0.02)
-            nn.init.normal_(embedder[2].weight, std=0.02)
+        init_dit_like(self)
         streams = [s for block in self.double_blocks for s in (block.txt, block.img)]
         zeroed = [m.adaLN_modulation[-1] for m in [*streams, *self.single_blocks, self.final_layer]]
         for layer in [*zeroed, self.final_layer.linear]:
