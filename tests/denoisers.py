@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tutorial_lib.text.base import TextEmbedding
@@ -59,3 +60,35 @@ def check_caption_mask(model: torch.nn.Module, emb: TextEmbedding, other: TextEm
         unmasked[:, real] = True
         assert not torch.allclose(model(x, t, TextEmbedding(emb.tokens, unmasked)), out)
         assert not torch.allclose(model(x, t, other), out)
+
+
+def check_round_trip(model: torch.nn.Module, path, kind: str, *others: torch.nn.Module):
+    """Saved as safetensors and loaded back, `model` (of a config with a rectangular 8 x 12 latent) has
+    the same config and gives the same output; each model of `others` (another config) is refused."""
+    from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
+
+    cfg = model.config
+    path = save_weights(model, path, kind=kind)
+    loaded, _ = load_model(type(model), type(cfg), path, kind=kind)
+    assert loaded.config == cfg
+    x, t = inputs(w=12)
+    text = caption(cfg.text_dim)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x, t, text), model.eval()(x, t, text))
+    for other in others:
+        with pytest.raises(WeightsError, match="another config"):
+            load_into(other, path, kind=kind)
+
+
+def counted_flops(model: torch.nn.Module, size: tuple[int, int], text_len: int) -> int:
+    """Forward FLOPs of one image as FlopCounterMode counts them (2 per multiply-add, convolutions and
+    matrix multiplies, no elementwise work), over a batch of 2 with the math SDPA backend, whose bmm's
+    it counts (the CPU flash kernel is not in its table)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = inputs(b=2, h=size[0], w=size[1])
+    emb = caption(model.config.text_dim, length=text_len, real=(text_len, 1))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.eval()(x, t, emb)
+    return counter.get_total_flops() // 2  # per image

@@ -8,14 +8,11 @@ import dataclasses
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from tutorial_lib.models.dit import PRESETS, DiT, DiTConfig, dit_cost, preset
 from tutorial_lib.models.layers import Attention, apply_rope, rope_2d
-from tests.denoisers import caption, check_caption_mask, fit_losses, inputs, randomize
+from tests.denoisers import caption, check_caption_mask, check_round_trip, counted_flops, fit_losses, inputs, randomize
 from tutorial_lib.text.base import TextEmbedding
-from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
 
 TEXT_DIM = 16
 
@@ -216,13 +213,9 @@ def test_dit_cost_matches_flop_counter(overrides, size, text_len):
     and neither counts elementwise work. The math SDPA backend decomposes attention into bmm's,
     which FlopCounterMode counts (the CPU flash kernel is not in its table)."""
     cfg = tiny(**overrides)
-    model = DiT(cfg).eval()
-    x, t = inputs(b=2, h=size[0], w=size[1])
-    emb = text(length=text_len, real=(text_len, 1))
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, t, emb)
+    model = DiT(cfg)
     cost = dit_cost(cfg, input_size=size, text_len=text_len)
-    assert counter.get_total_flops() == 2 * cost.flops
+    assert counted_flops(model, size, text_len) == cost.flops
     assert cost.params == sum(p.numel() for p in model.parameters())
 
 
@@ -246,17 +239,8 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = tiny(num_heads=4, num_kv_heads=2, qk_norm="rms", pos_embed="rope", input_size=[8, 12])
     assert cfg.input_size == (8, 12)  # lists (as JSON gives back) become tuples
-    model = randomize(DiT(cfg))
-    path = save_weights(model, tmp_path / "dit.safetensors", kind="dit")
-    loaded, _ = load_model(DiT, DiTConfig, path, kind="dit")
-    assert loaded.config == cfg
-    x, t = inputs(w=12)
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(x, t, text()), model(x, t, text()))
-    with pytest.raises(WeightsError, match="another config"):
-        load_into(DiT(dataclasses.replace(cfg, qk_norm="layer")), path, kind="dit")
-    with pytest.raises(WeightsError, match="another config"):
-        load_into(DiT(dataclasses.replace(cfg, depth=3)), path, kind="dit")
+    check_round_trip(randomize(DiT(cfg)), tmp_path / "dit.safetensors", "dit",
+                     DiT(dataclasses.replace(cfg, qk_norm="layer")), DiT(dataclasses.replace(cfg, depth=3)))
 
 
 # ----------------------------------------------------------------------------- precision and compile

@@ -8,15 +8,12 @@ import dataclasses
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from tutorial_lib.models.layers import apply_rope, rope_2d
 from tutorial_lib.models.mmdit import (PRESETS, MMDiT, MMDiTConfig, _rope_order, flux_config, from_flux,
                                        from_flux_state_dict, mmdit_cost, preset)
-from tests.denoisers import caption, check_caption_mask, fit_losses, inputs, randomize
+from tests.denoisers import caption, check_caption_mask, check_round_trip, counted_flops, fit_losses, inputs, randomize
 from tutorial_lib.text.base import TextEmbedding, masked_mean
-from tutorial_lib.weights import WeightsError, load_into, load_model, save_weights
 
 TEXT_DIM = 16
 
@@ -229,13 +226,9 @@ def test_mmdit_cost_matches_flop_counter(overrides, size, text_len):
     """Exact agreement, as dit_cost's (tests/test_dit.py): matrix multiplies and the patch convolution,
     2 FLOPs per multiply-add, no elementwise work; the math SDPA backend, whose bmm's are counted."""
     cfg = tiny(**overrides)
-    model = MMDiT(cfg).eval()
-    x, t = inputs(b=2, h=size[0], w=size[1])
-    emb = text(length=text_len, real=(text_len, 1))
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, t, emb)
+    model = MMDiT(cfg)
     cost = mmdit_cost(cfg, input_size=size, text_len=text_len)
-    assert counter.get_total_flops() == 2 * cost.flops
+    assert counted_flops(model, size, text_len) == cost.flops
     assert cost.params == cost.active_params == sum(p.numel() for p in model.parameters())
 
 
@@ -258,15 +251,8 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = tiny(input_size=[8, 12])
     assert cfg.input_size == (8, 12)  # lists (as JSON gives back) become tuples
-    model = randomize(MMDiT(cfg))
-    path = save_weights(model, tmp_path / "mmdit.safetensors", kind="mmdit")
-    loaded, _ = load_model(MMDiT, MMDiTConfig, path, kind="mmdit")
-    assert loaded.config == cfg
-    x, t = inputs(w=12)
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(x, t, text()), model(x, t, text()))
-    with pytest.raises(WeightsError, match="another config"):
-        load_into(MMDiT(dataclasses.replace(cfg, depth=2)), path, kind="mmdit")
+    check_round_trip(randomize(MMDiT(cfg)), tmp_path / "mmdit.safetensors", "mmdit",
+                     MMDiT(dataclasses.replace(cfg, depth=2)))
 
 
 def test_runs_in_bfloat16():

@@ -162,3 +162,14 @@ def test_the_measured_numbers_in_the_prose_are_in_the_outputs(path):
     for text in cells:
         missing = [n for n in PROSE_NUMBER.findall(text) if n not in outputs]
         assert not missing, f"{path.name}: {missing} quoted in the prose but not in the outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_ran_in_the_committed_run_in_order(path):
+    """The committed outputs come from one top-to-bottom run: every code cell, the Colab install cell
+    included, carries an execution count, and the counts rise down the notebook."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    counts = [c.get("execution_count") for c in cells]
+    never = [_source(c).splitlines()[0] for c, n in zip(cells, counts) if n is None]
+    assert not never, f"{path.name}: code cells never executed, starting {never[:3]}"
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), f"{path.name}: counts {counts}"
