@@ -22,7 +22,7 @@ import torch
 
 from tests.test_trainer import TINY_DIT, config, diffusion_loss, latent_data
 from tutorial_lib.models.dit import DiT
-from tutorial_lib.train import trainer as trainer_module
+from tutorial_lib.train import checkpoint as checkpoint_module
 from tutorial_lib.train.trainer import Trainer
 
 STAGES = ("model_half", "before_rename", "before_latest", "latest_half")
@@ -39,8 +39,8 @@ def build(out_dir: Path) -> Trainer:
 
 
 def install(trainer: Trainer, stage: str, step: int):
-    """Patch the trainer module's file operations so that the process dies at `stage` of step `step`."""
-    save_file, publish, atomic_write = trainer_module.save_file, trainer_module.publish, trainer_module.atomic_write
+    """Patch the checkpoint module's file operations so that the process dies at `stage` of step `step`."""
+    save_file, publish, atomic_write = checkpoint_module.save_file, checkpoint_module.publish, checkpoint_module.atomic_write
     now = lambda: trainer.step == step  # noqa: E731
 
     def torn_save(tensors, filename, *args, **kwargs):
@@ -67,8 +67,8 @@ def install(trainer: Trainer, stage: str, step: int):
                 return atomic_write(path, half)
         return atomic_write(path, write)
 
-    trainer_module.save_file, trainer_module.publish = torn_save, dying_publish
-    trainer_module.atomic_write = dying_atomic_write
+    checkpoint_module.save_file, checkpoint_module.publish = torn_save, dying_publish
+    checkpoint_module.atomic_write = dying_atomic_write
 
 
 def main(out_dir: str, stage: str, step: str):

@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from tests.crash_worker import RUN, STAGES, build
 from tests.test_trainer import assert_same_state, config, mlp, mse_loss, regression_data
 from tutorial_lib.train.ema import EMA
-from tutorial_lib.train.trainer import CheckpointError, Trainer, TENSOR_FILES, verify_checkpoint
+from tutorial_lib.train.checkpoint import TENSOR_FILES, CheckpointError, verify_checkpoint
+from tutorial_lib.train.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}

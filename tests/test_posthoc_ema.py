@@ -25,7 +25,8 @@ from tutorial_lib.models.dit import DiT
 from tutorial_lib.train.ema import (GOLDEN, MAX_SIGMA_REL, PowerEMA, SnapshotError, fit_power_profiles,
                                     gamma_to_sigma_rel, load_snapshots, power_beta, power_profile,
                                     reconstruct_ema, reconstruct_emas, sigma_rel_to_gamma)
-from tutorial_lib.train.trainer import POSTHOC_FILE, CheckpointError, Trainer, TrainerConfig, verify_checkpoint
+from tutorial_lib.train.checkpoint import POSTHOC_FILE, CheckpointError, verify_checkpoint
+from tutorial_lib.train.trainer import Trainer, TrainerConfig
 
 
 def bn_mlp(seed: int = 0) -> nn.Module:

@@ -21,9 +21,11 @@ from torch import nn
 
 from tutorial_lib.models.dit import DiT, DiTConfig
 from tutorial_lib.text.base import TextEmbedding
+from tutorial_lib.train import checkpoint as checkpoint_module
 from tutorial_lib.train import trainer as trainer_module
+from tutorial_lib.train.checkpoint import CheckpointError
 from tutorial_lib.train.loader import MicroBatches, ShuffledBatches
-from tutorial_lib.train.trainer import CheckpointError, NonFiniteError, Trainer, TrainerConfig
+from tutorial_lib.train.trainer import NonFiniteError, Trainer, TrainerConfig
 
 TINY_DIT = DiTConfig(in_channels=2, input_size=(4, 4), patch_size=2, hidden_size=16, depth=1, num_heads=2,
                      text_dim=8, frequency_embedding_size=16)
@@ -209,21 +211,22 @@ def test_checkpoint_layout_is_safetensors_and_json(tmp_path):
     assert set(meta["rng"][0]) == {"torch", "generator"}
     optimizer = load_file(ckpt / "step_00000006" / "optimizer.safetensors")
     assert set(optimizer) == {f"{i}.{name}" for i in range(4) for name in ("step", "exp_avg", "exp_avg_sq")}
-    # Never pickle: the trainer calls no torch.save / torch.load and imports no pickle.
-    source = Path(trainer_module.__file__).read_text()
-    assert not any(word in source for word in ("torch.save(", "torch.load(", "import pickle"))
+    # Never pickle: the trainer and its checkpoints call no torch.save / torch.load and import no pickle.
+    for module in (trainer_module, checkpoint_module):
+        source = Path(module.__file__).read_text()
+        assert not any(word in source for word in ("torch.save(", "torch.load(", "import pickle")), module
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, checkpoint_every=2))
-    real_save = trainer_module.save_file
+    real_save = checkpoint_module.save_file
 
     def failing_save(tensors, filename, *args, **kwargs):
         if trainer.step == 4 and Path(filename).name == "ema.safetensors":
             raise OSError("disk full")
         return real_save(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         trainer.fit()
     ckpt = tmp_path / "checkpoints"

@@ -767,7 +767,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .data.fashion_mnist import DataError
     from .text.cache import UnknownCaption
     from .train.ema import SnapshotError
-    from .train.trainer import CheckpointError
+    from .train.checkpoint import CheckpointError
     from .weights import WeightsError
 
     # ValueError: a bad value (preset, prompt set, sampler for this model, ...); FileNotFoundError: a

@@ -24,7 +24,8 @@ Sharded checkpoints (`save_sharded`, `load_sharded`): torch.distributed.checkpoi
 rank's shards into its own file and reads them back, so no rank ever holds the whole state. The
 files are DCP's Hugging Face storage (safetensors, each shard's offsets in its header), not DCP's
 default format, whose `.metadata` file is a pickle (read with pickle.load) and whose tensors are
-torch.save records: nothing here is pickled, in files or between ranks.
+torch.save records: nothing here is pickled, in files or between ranks. The files are named, never
+listed (`shard_file`): on a shared file system one node's listing of a folder can lag another's writes.
 
 Rank 0 does the talking: progress bar, logs, samples and the checkpoint's trainer.json.
 """
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -163,13 +165,37 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_sharded(state: dict, folder: Path):
     """Write every rank's shards of `state` (nested dicts of tensors and DTensors) into `folder`: one
-    safetensors file per rank (a collective; `folder` must exist and be shared by all ranks)."""
+    safetensors file per rank, `shard_file(rank)` (a collective; `folder` must exist and be shared by
+    all ranks)."""
     dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True))
 
 
-def load_sharded(state: dict, folder: Path):
-    """Read `save_sharded`'s files into `state`'s tensors, in place, each rank its own shards."""
-    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+def shard_file(rank: int) -> str:
+    """The name of the file that `save_sharded` writes rank `rank`'s shards to (none if it has nothing
+    to write). DCP's HuggingFaceStorageWriter(save_distributed=True) numbers the ranks' save plans from
+    1, in rank order, and puts all of a rank's tensors in one file (torch/distributed/checkpoint/
+    hf_storage.py, prepare_global_plan; _hf_utils.py, _gen_file_name)."""
+    return f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"
+
+
+def load_sharded(state: dict, folder: Path, files: list[str]):
+    """Read `save_sharded`'s `files` (names in `folder`) into `state`'s tensors, in place, each rank
+    its own shards."""
+    reader = dcp.HuggingFaceStorageReader(str(folder))
+    reader.fs = _NamedFiles(files)  # its read_metadata takes the files that fs.ls(folder) returns
+    dcp.load(state, storage_reader=reader)
+
+
+class _NamedFiles(FileSystem):
+    """DCP's local file system, listing a checkpoint folder as the files named, not as the directory
+    shows it (which, on a shared file system, can lag what another node wrote)."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = names
+
+    def ls(self, path) -> list[str]:
+        return [str(Path(path) / name) for name in self.names]
 
 
 def _comm_device() -> str:
@@ -203,6 +229,11 @@ def all_gather_json(obj, info: DistInfo) -> list:
     sizes = [int(n) for n in all_gather(torch.tensor(len(data)), info)]
     padded = torch.cat([data, data.new_zeros(max(sizes) - len(data))])  # all_gather wants one shape
     return [json.loads(bytes(part[:n].numpy())) for part, n in zip(all_gather(padded, info), sizes)]
+
+
+def broadcast_json(obj, info: DistInfo):
+    """Rank 0's JSON-able `obj` on every rank (the others pass anything, None say); `obj` in one process."""
+    return all_gather_json(obj, info)[0]
 
 
 def all_true(flag: bool, info: DistInfo) -> bool:

@@ -35,34 +35,15 @@ bf16 mixed precision done by FSDP itself (the blocks in bfloat16, the rest in fl
 process "fsdp" is plain training (nothing to shard). activation_checkpointing recomputes each
 transformer block in backward (any mode).
 
-A checkpoint, out_dir/checkpoints/step_XXXXXXXX/, holds
-    model.safetensors      the model's state_dict
-    ema.safetensors        the EMA model's state_dict
-    optimizer.safetensors  the optimizer state's tensors, keyed "<parameter index>.<name>"
-    posthoc_ema.safetensors  with posthoc_ema_sigma_rels only: the tracked power-function EMAs
-    trainer.json           the rest: step, configs, the optimizer's param groups and non-tensor
-                           state, GradScaler state, every rank's RNG states (base64), data order,
-                           the history and the scalars not yet logged
-and out_dir/checkpoints/latest names the newest. Under FSDP (trainer.json's "kind": "sharded") a
-checkpoint holds instead one shard-XXXXX-model-00001-of-00001.safetensors per rank, with that rank's
-shards of the model, EMA and optimizer state, written and read back by that rank alone, so that no
-rank ever holds the whole state (DCP, see distributed.py), and trainer.json, which names the
-optimizer's parameters and records the tensors' full shapes. Such a checkpoint resumes the run
-(parallelism="fsdp", as many ranks); `export_ema()` gives the whole EMA model to save and share.
-Nothing is pickled. Each checkpoint is written into a temporary directory, flushed to the disk
-(fsync) and then renamed into place, and `latest` is replaced the same way after it, so a crash or
-a power loss at any moment leaves the previous checkpoint and pointer intact. trainer.json records
-the size and SHA-256 of each tensor file: `load_checkpoint()` verifies them (each rank hashing its
-share of the files), and if the newest checkpoint is missing or damaged it says so and falls back to
-the newest good one.
-
-Resume (`load_checkpoint`) is exact: weights, EMA (and post-hoc EMAs), optimizer moments, the step
-(the learning rate is a function of the step, so there is no scheduler state beyond it), the RNG
-states of every rank (torch's global CPU and CUDA generators and loss_fn's generator) and the
-position in the data order. A run stopped and resumed ends bit for bit where an uninterrupted run
-ends, as long as loss_fn takes its randomness from the generator it is given or torch's global RNG
-(not from Python's `random` or NumPy), and a dataset's __getitems__ draws none (its workers' RNGs
-are not checkpointed).
+Checkpoints (checkpoint.py describes their files and how they are written, verified and chosen):
+every checkpoint_every steps, out_dir/checkpoints/step_XXXXXXXX, written whole or not at all, with
+out_dir/checkpoints/latest naming the newest. Under FSDP each rank writes and reads its own shards;
+`export_ema()` gives the whole EMA model to save and share. Resume (`load_checkpoint`, from the
+newest good checkpoint) is exact: weights, EMA (and post-hoc EMAs), optimizer moments, the step, the
+RNG states of every rank and the position in the data order. A run stopped and resumed ends bit for
+bit where an uninterrupted run ends, as long as loss_fn takes its randomness from the generator it
+is given or torch's global RNG (not from Python's `random` or NumPy), and a dataset's __getitems__
+draws none (its workers' RNGs are not checkpointed).
 
 Post-hoc EMA (EDM2; ema.py), off by default: with posthoc_ema_sigma_rels=(0.05, 0.10) the trainer
 tracks those power-function EMAs and saves them every posthoc_snapshot_every steps (and after the
@@ -74,15 +55,9 @@ writes them again, bit for bit the same; a fresh run drops them all. After train
 
 from __future__ import annotations
 
-import base64
 import copy
-import dataclasses
-import hashlib
 import json
 import math
-import os
-import re
-import shutil
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -90,16 +65,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..weights import atomic_write, flush, publish
+from ..weights import atomic_write
 from . import distributed
+from .checkpoint import CheckpointError  # noqa: F401 (what load_checkpoint raises: importable from here too)
+from .checkpoint import Checkpointer, Progress, TrainingState, model_record
 from .common import warmup_cosine
 from .ema import EMA, MAX_SIGMA_REL, SNAPSHOT_NAME, PowerEMA
 from .loader import Gathered, MicroBatches, ShuffledBatches, in_cpu_memory, tree_map, whole_batch
@@ -107,20 +80,10 @@ from .loader import Gathered, MicroBatches, ShuffledBatches, in_cpu_memory, tree
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
 PARALLELISMS = ("ddp", "fsdp")
-TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
-CHECKPOINT_FILES = (*TENSOR_FILES, "trainer.json")
-POSTHOC_FILE = "posthoc_ema.safetensors"  # in checkpoints of runs with posthoc_ema_sigma_rels
-FORMAT = 2  # version of the checkpoint layout; 2 added the tensor files' sizes and SHA-256
-READS = (1, 2)  # the formats load_checkpoint reads (1: nothing to verify the tensor files by)
-STEP_DIR = re.compile(r"step_\d{8}")
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient norm became NaN or infinite; training stopped before that update."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, or written for another model or run."""
 
 
 @dataclass
@@ -274,7 +237,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
         self.model = model.to(self.device).train()  # the module itself: checkpoints and EMA use it
-        self._model_record = _model_record(model)  # before FSDP renames its class (DiT -> FSDPDiT)
+        self._model_record = model_record(model)  # before FSDP renames its class (DiT -> FSDPDiT)
         self.sharded = cfg.parallelism == "fsdp" and self.dist.enabled  # one process: nothing to shard
         if self.sharded:
             distributed.broadcast_module(self.model, self.dist)  # rank 0's initial weights, as DDP's
@@ -306,7 +269,8 @@ class Trainer:
         self.history: list[dict] = []  # one record of mean scalars per log_every steps
         self._pending = {"sums": {}, "counts": {}}  # scalars since the last record
         self.out_dir = Path(cfg.out_dir)
-        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.dist, self.sharded, cfg.keep_checkpoints)
+        self.checkpoint_dir = self.checkpointer.directory
         self.posthoc_dir = self.out_dir / "posthoc_ema"
 
     @property
@@ -440,9 +404,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _stop_message(self, what: str, value: float) -> str:
-        latest = self.checkpoint_dir / "latest"
-        kept = (f"the last good checkpoint, {self.checkpoint_dir / latest.read_text().strip()}, is untouched"
-                if latest.is_file() else "no checkpoint had been written")
+        latest = self.checkpointer.latest()
+        kept = (f"the last good checkpoint, {self.checkpoint_dir / latest}, is untouched"
+                if latest is not None else "no checkpoint had been written")
         return (f"Step {self.step + 1}: the {what} is {value}. Training stopped before this update; {kept}. "
                 "Try a lower lr, a longer warm-up, gradient clipping, or mixed_precision='no'.")
 
@@ -515,16 +479,14 @@ class Trainer:
         for path in later:
             path.unlink()
         if later:
-            _warn(f"Removed {len(later)} post-hoc EMA snapshots after step {step} from {self.posthoc_dir}: an "
-                  "interrupted run wrote them, and this run writes them again.")
+            print(f"Removed {len(later)} post-hoc EMA snapshots after step {step} from {self.posthoc_dir}: an "
+                  "interrupted run wrote them, and this run writes them again.", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        """This rank's RNG states, as uint8 tensors."""
-        state = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+    def _training_state(self) -> TrainingState:
+        """What a checkpoint is written from and restored into (checkpoint.py)."""
+        return TrainingState(self.model, self.ema.model, self.optimizer, self.batches, self.generator, self.device,
+                             self.cfg, self._model_record, self.posthoc_ema, self.scaler)
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step_XXXXXXXX and point `latest` at it; its path on rank 0, else None.
@@ -532,104 +494,7 @@ class Trainer:
         Every rank must call this: each one's RNG states are gathered, and under FSDP each rank writes
         its own shards. Rank 0 writes the rest.
         """
-        gathered = {name: distributed.all_gather(t, self.dist) for name, t in self._rng_state().items()}
-        rng = [{name: _b64(ranks[r]) for name, ranks in gathered.items()}
-               for r in range(self.dist.world_size)]
-        name = f"step_{self.step:08d}"
-        tmp = self.checkpoint_dir / f".{name}.tmp"
-        main = self.dist.is_main
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write's
-            tmp.mkdir(parents=True)
-        try:
-            entries = self._write_tensors(tmp)
-            path = self._publish(tmp, name, {**entries, "rng": rng}) if main else None
-        finally:
-            if main:
-                shutil.rmtree(tmp, ignore_errors=True)
-        distributed.barrier(self.dist)  # on return, the checkpoint exists for every rank
-        return path
-
-    def _write_tensors(self, tmp: Path) -> dict:
-        """Write the tensor files into `tmp`; on rank 0, trainer.json's entries that describe them."""
-        if self.sharded:
-            distributed.barrier(self.dist)  # rank 0 has made tmp
-            tensors, optimizer = self._sharded_state()
-            distributed.save_sharded(tensors, tmp)
-            names = sorted(p.name for p in tmp.iterdir())
-            share = {n: _file_record(tmp / n) for n in names[self.dist.rank::self.dist.world_size]}
-            files = {n: r for part in distributed.all_gather_json(share, self.dist) for n, r in part.items()}
-            shapes = {k: list(v.shape) for k, v in tensors["model"].items()}
-            return {"kind": "sharded", "files": files, "optimizer": optimizer, "shapes": shapes}
-        if not self.dist.is_main:
-            return {}
-        optimizer_tensors, optimizer = _flatten_optimizer(self.optimizer.state_dict())
-        save_file(_cpu(self.model.state_dict()), tmp / "model.safetensors")
-        save_file(_cpu(self.ema.model.state_dict()), tmp / "ema.safetensors")
-        save_file(_cpu(optimizer_tensors), tmp / "optimizer.safetensors")
-        if self.posthoc_ema is not None:
-            save_file(_cpu(self.posthoc_ema.state_dict()), tmp / POSTHOC_FILE)
-        files = TENSOR_FILES + ((POSTHOC_FILE,) if self.posthoc_ema is not None else ())
-        return {"kind": "safetensors", "files": {f: _file_record(tmp / f) for f in files}, "optimizer": optimizer}
-
-    def _sharded_state(self) -> tuple[dict, dict]:
-        """FSDP: this rank's shards (DTensors) of the model, the EMA and the optimizer state, for DCP to
-        write or to read into, and the optimizer's JSON-able rest (its parameters named)."""
-        optimizer, rest = _flatten_optimizer(get_optimizer_state_dict(self.model, self.optimizer))
-        model, ema = get_model_state_dict(self.model), get_model_state_dict(self.ema.model)
-        return {"model": model, "ema": ema, "optimizer": optimizer}, rest
-
-    def _publish(self, tmp: Path, name: str, entries: dict) -> Path:
-        """Rank 0: write trainer.json beside the tensor files in `tmp`, flush them all to the disk, rename
-        `tmp` to checkpoints/`name` and point `latest` at it."""
-        meta = {
-            "format": FORMAT,
-            "step": self.step,
-            "config": dataclasses.asdict(self.cfg),
-            "model": self._model_record,
-            "world_size": self.dist.world_size,
-            "data_order": self.batches.state_dict(),
-            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
-            "history": self.history,
-            "pending": self._pending,
-            **entries,  # kind, files, optimizer (the param groups and non-tensor state), rng (per rank)
-        }
-        (tmp / "trainer.json").write_text(json.dumps(meta))
-        for f in (*meta["files"], "trainer.json"):
-            flush(tmp / f)
-        final = self.checkpoint_dir / name
-        old = tmp.with_name(tmp.name + ".old")
-        if final.exists():  # this step was saved before (a run resumed from an older checkpoint)
-            os.replace(final, old)
-        try:
-            publish(tmp, final, mode=0o777)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        atomic_write(self.checkpoint_dir / "latest", lambda p: Path(p).write_text(name + "\n"))
-        self._prune()
-        return final
-
-    def _prune(self):
-        """Keep the newest keep_checkpoints up to this step; remove leftovers of interrupted writes."""
-        for leftover in self.checkpoint_dir.glob(".step_*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in self.checkpoint_dir.glob(".latest.*.tmp"):
-            leftover.unlink(missing_ok=True)
-        if self.cfg.keep_checkpoints:
-            done = [d for d in self.checkpoints() if int(d.name[5:]) <= self.step]  # newest first
-            for d in done[self.cfg.keep_checkpoints:]:
-                shutil.rmtree(d)
-
-    def checkpoints(self) -> list[Path]:
-        """The checkpoint directories in out_dir/checkpoints, newest first (not yet verified)."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = [d for d in self.checkpoint_dir.iterdir() if STEP_DIR.fullmatch(d.name) and d.is_dir()]
-        return sorted(found, reverse=True)
-
-    def has_checkpoints(self) -> bool:
-        """Whether out_dir holds a checkpoint (or a `latest` pointer) that a fresh run would overwrite."""
-        return bool(self.checkpoints()) or (self.checkpoint_dir / "latest").exists()
+        return self.checkpointer.save(self._training_state(), Progress(self.step, self.history, self._pending))
 
     def load_checkpoint(self, path: str | Path = "latest") -> Path:
         """Restore everything from a checkpoint directory (default: the one `latest` names, or if
@@ -640,213 +505,25 @@ class Trainer:
         size, the number of ranks and the checkpoint's kind (FSDP's shards or whole files) must match
         (the data order and each rank's RNG streams depend on them). Other config fields may change
         (train longer, another lr), at the price of bit-exactness. Every check runs before anything
-        is loaded. Every rank must call this.
+        is loaded; a failed one raises CheckpointError. Every rank must call this.
         """
-        if str(path) == "latest":
-            path, meta = self._newest_good()
-        else:
-            path = Path(path)
-            meta = self._verified(path)
-        self._check_compatible(path, meta)
-        try:
-            self.batches.load_state_dict(meta["data_order"])
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-
-        if self.sharded:
-            tensors, _ = self._sharded_state()  # this rank's shards, which DCP reads into
-            distributed.load_sharded(tensors, path)
-            set_model_state_dict(self.model, tensors["model"])
-            set_model_state_dict(self.ema.model, tensors["ema"])
-            set_optimizer_state_dict(self.model, self.optimizer,
-                                     _unflatten_optimizer(tensors["optimizer"], meta["optimizer"], param_key=str))
-        else:
-            device = str(self.device)
-            self.model.load_state_dict(load_file(path / "model.safetensors", device=device))
-            self.ema.model.load_state_dict(load_file(path / "ema.safetensors", device=device))
-            # On the CPU: load_state_dict moves the moments to each parameter's device but leaves AdamW's step
-            # counters where they are, and on a GPU they would cost a host sync per parameter per step.
-            optimizer_tensors = load_file(path / "optimizer.safetensors")
-            self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, meta["optimizer"]))
-        if self.posthoc_ema is not None:
-            self.posthoc_ema.load_state_dict(load_file(path / POSTHOC_FILE, device=str(self.device)))
-        if self.scaler and meta["grad_scaler"]:
-            self.scaler.load_state_dict(meta["grad_scaler"])
-        self.step, self.history, self._pending = meta["step"], meta["history"], meta["pending"]
-        rng = {name: _unb64(text) for name, text in meta["rng"][self.dist.rank].items()}
-        torch.set_rng_state(rng["torch"])
-        self.generator.set_state(rng["generator"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        path, progress = self.checkpointer.load(self._training_state(), path)
+        self.step, self.history, self._pending = progress.step, progress.history, progress.pending
         if self.dist.is_main:
             self._write_history()  # drop records the interrupted run logged after this checkpoint
         return path
 
-    def _newest_good(self) -> tuple[Path, dict]:
-        """(path, trainer.json) of the checkpoint `latest` names, else of the newest one that verifies."""
-        pointer = self.checkpoint_dir / "latest"
-        candidates = self.checkpoints()
-        if pointer.is_file():
-            named = pointer.read_text().strip()
-            if STEP_DIR.fullmatch(named) and (self.checkpoint_dir / named).is_dir():
-                candidates.remove(self.checkpoint_dir / named)
-                candidates.insert(0, self.checkpoint_dir / named)
-            else:
-                _warn(f"{pointer} names {named!r}, which is not a checkpoint here; looking for the newest good one.")
-        if not candidates:
-            raise CheckpointError(f"No checkpoint to resume: {self.checkpoint_dir} holds none.")
-        problems = []
-        for path in candidates:
-            try:
-                meta = self._verified(path)
-            except CheckpointError as err:
-                problems.append(str(err))
-                _warn(f"Skipping a damaged checkpoint: {err}")
-                continue
-            if problems:
-                _warn(f"Resuming from {path}, the newest good checkpoint.")
-            return path, meta
-        raise CheckpointError(f"No usable checkpoint in {self.checkpoint_dir}: " + " ".join(problems))
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint directories in out_dir/checkpoints, newest first (not yet verified)."""
+        return self.checkpointer.checkpoints()
 
-    def _verified(self, path: Path) -> dict:
-        """`verify_checkpoint(path)` with the hashing shared by the ranks (each hashes its share of the
-        files) and one verdict for all: a checkpoint damaged for one rank is damaged for every rank."""
-        try:
-            meta, problem = verify_checkpoint(path, self.dist.rank, self.dist.world_size), None
-        except CheckpointError as err:
-            meta, problem = None, err
-        if not distributed.all_true(problem is None, self.dist):
-            raise problem or CheckpointError(f"{path}: another rank found it damaged (its message says how).")
-        return meta
-
-    def _check_compatible(self, path: Path, meta: dict):
-        if meta["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{path} was written by {meta['world_size']} processes and this run has "
-                                  f"{self.dist.world_size}: each rank's RNG streams are restored, so resume "
-                                  f"with the same number (torchrun --nproc_per_node {meta['world_size']}).")
-        kind, ours = meta.get("kind", "safetensors"), "sharded" if self.sharded else "safetensors"
-        if kind != ours:
-            raise CheckpointError(f"{path} holds a {kind} checkpoint and this run writes {ours} ones: resume "
-                                  f"with parallelism={'fsdp' if kind == 'sharded' else 'ddp'!r}, as it was written.")
-        saved, ours = meta["model"], self._model_record
-        if saved != ours:
-            a, b = saved["config"] or {}, ours["config"] or {}
-            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-            raise CheckpointError(f"{path} holds a {saved['class']} and this trainer's model is a "
-                                  f"{ours['class']}; their configs differ in (checkpoint, this model): "
-                                  f"{diff}.")
-        if kind == "sharded":
-            saved_shapes = meta["shapes"]
-        else:
-            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-                saved_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}  # full shapes, also of DTensors
-        if saved_shapes != shapes:
-            bad = sorted(k for k in set(saved_shapes) | set(shapes) if saved_shapes.get(k) != shapes.get(k))
-            pairs = {k: (saved_shapes.get(k), shapes.get(k)) for k in bad[:5]}
-            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            raise CheckpointError(f"{path}: the model's tensors differ from this model's; (checkpoint, this "
-                                  f"model) shapes: {pairs}{more}.")
-        saved = meta["config"].get("posthoc_ema_sigma_rels")
-        saved = (tuple(saved) if saved else None, meta["config"].get("posthoc_snapshot_every"))
-        ours = (self.cfg.posthoc_ema_sigma_rels, self.cfg.posthoc_snapshot_every)
-        if ours[0] is not None and (saved != ours or not (path / POSTHOC_FILE).is_file()):
-            raise CheckpointError(f"{path} was written with (posthoc_ema_sigma_rels, posthoc_snapshot_every) = "
-                                  f"{saved} and this run has {ours}: a power-function EMA averages from step 1 "
-                                  "on one grid of snapshots, so it cannot start or change mid-run. Resume "
-                                  f"with {saved}, or start a new run in another out_dir.")
+    def has_checkpoints(self) -> bool:
+        """Whether out_dir holds a checkpoint (or a `latest` pointer) that a fresh run would overwrite
+        (rank 0's answer: every rank must call this)."""
+        return self.checkpointer.has_checkpoints()
 
 
 # ---------------------------------------------------------------------------------- helpers
-def verify_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> dict:
-    """trainer.json of the checkpoint at `path`, once its files are all there and the tensor files have
-    the size and SHA-256 it records; else a CheckpointError that says what is wrong. Of world_size
-    ranks, rank `rank` checks the size of every file and the SHA-256 of its share (every
-    world_size-th file, from its rank on)."""
-    path = Path(path)
-    if not (path / "trainer.json").is_file():
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-        raise CheckpointError(f"{path} is not a checkpoint (missing {', '.join(missing)}).")
-    try:
-        meta = json.loads((path / "trainer.json").read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}/trainer.json is not valid JSON ({err}).") from None
-    if not isinstance(meta, dict) or meta.get("format") not in READS:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path}: checkpoint format {found}, this trainer reads {READS}.")
-    files = meta.get("files") or dict.fromkeys(TENSOR_FILES)  # format 1 recorded no sizes or digests
-    missing = [name for name in files if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint (missing {', '.join(missing)}).")
-    for i, (name, want) in enumerate(sorted(files.items())):
-        if want is None:
-            continue
-        size_only = {"bytes": (path / name).stat().st_size, "sha256": want["sha256"]}
-        got = _file_record(path / name) if i % world_size == rank else size_only
-        if got != want:
-            what = "size" if got["bytes"] != want["bytes"] else "SHA-256"
-            raise CheckpointError(f"{path}/{name} is damaged: its {what} differs from the one recorded "
-                                  f"when it was written ({got} != {want}).")
-    return meta
-
-
-def _file_record(path: Path) -> dict:
-    """{"bytes": size, "sha256": hex digest} of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def _warn(message: str):
-    print(message, file=sys.stderr, flush=True)
-
-
 def _due(step: int, every: int | None, last: bool) -> bool:
     """Whether an every-N-steps action (None: never) runs after `step`; it always runs after the last."""
     return every is not None and (step % every == 0 or last)
-
-
-def _model_record(model: nn.Module) -> dict:
-    """The model's class name and config (JSON-normalised: tuples become lists), or None for no config."""
-    config = getattr(model, "config", None)
-    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
-    return json.loads(json.dumps({"class": type(model).__name__, "config": config}))
-
-
-def _cpu(tensors: dict) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies, as safetensors wants them (it refuses tensors that share memory)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state_dict as (its tensors keyed "<parameter>.<name>", the JSON-able rest); the
-    parameter is an index (optimizer.state_dict) or a name (get_optimizer_state_dict, under FSDP)."""
-    tensors, scalars = {}, {}
-    for param, param_state in state["state"].items():
-        for name, value in param_state.items():
-            (tensors if torch.is_tensor(value) else scalars)[f"{param}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict, param_key=int) -> dict:
-    """The inverse of `_flatten_optimizer`: a state_dict for optimizer.load_state_dict (param_key=int)
-    or set_optimizer_state_dict (param_key=str)."""
-    state = {}
-    for key, value in [*tensors.items(), *rest["scalars"].items()]:
-        param, name = key.rsplit(".", 1)  # a parameter's name has dots, a state's name none
-        state.setdefault(param_key(param), {})[name] = value
-    # JSON turned tuples (AdamW's betas) into lists.
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-              for group in rest["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _b64(t: torch.Tensor) -> str:
-    """A uint8 tensor (an RNG state) as base64 text."""
-    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
