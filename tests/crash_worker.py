@@ -40,7 +40,8 @@ def build(out_dir: Path) -> Trainer:
 
 def install(trainer: Trainer, stage: str, step: int):
     """Patch the checkpoint module's file operations so that the process dies at `stage` of step `step`."""
-    save_file, publish, atomic_write = checkpoint_module.save_file, checkpoint_module.publish, checkpoint_module.atomic_write
+    module = checkpoint_module
+    save_file, publish, atomic_write = module.save_file, module.publish, module.atomic_write
     now = lambda: trainer.step == step  # noqa: E731
 
     def torn_save(tensors, filename, *args, **kwargs):
@@ -67,8 +68,7 @@ def install(trainer: Trainer, stage: str, step: int):
                 return atomic_write(path, half)
         return atomic_write(path, write)
 
-    checkpoint_module.save_file, checkpoint_module.publish = torn_save, dying_publish
-    checkpoint_module.atomic_write = dying_atomic_write
+    module.save_file, module.publish, module.atomic_write = torn_save, dying_publish, dying_atomic_write
 
 
 def main(out_dir: str, stage: str, step: str):

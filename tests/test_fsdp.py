@@ -11,10 +11,13 @@ torchrun would start them, training a tiny DiT (two blocks, so two FSDP units an
 (b) Activation checkpointing gives the same losses, bit for bit (under DDP too).
 (c) A run stopped at step 5 and resumed from its step-3 checkpoint, with fresh weights and RNGs,
     ends bit for bit where the uninterrupted run ends (loss history, every rank's shards of the
-    weights, the EMA and the optimizer moments).
+    weights, the EMA and the optimizer moments). Rank 1 does all of it seeing every folder of the
+    run's checkpoints listed as empty, as a node whose listings lag the shared file system: shard
+    files are named, never listed, and rank 0 says which checkpoints there are.
 (d) The checkpoint folder holds trainer.json and one safetensors shard file per rank, each with
-    half of every tensor: no full-model file, no pickle. Rank 1 hashes the second shard file when
-    loading; when it is damaged, both ranks skip that checkpoint for the previous one.
+    half of every tensor: no full-model file, no pickle; their names are distributed.shard_file's.
+    Rank 1 hashes the second shard file when loading; when it is damaged, both ranks skip that
+    checkpoint for the previous one. A missing shard file is named.
 (e) export_ema() on rank 0 is a plain CPU model equal to a one-process run's EMA, bit for bit;
     None on rank 1. sample_fn gets such a plain model on rank 0.
 (f) A batch that the ranks do not divide is a clear error, under DDP and FSDP.
@@ -30,6 +33,7 @@ import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,7 @@ from tests.test_trainer import assert_same_state
 from tutorial_lib.models.dit import DiT, DiTConfig
 from tutorial_lib.text.base import TextEmbedding
 from tutorial_lib.train import distributed
+from tutorial_lib.train.checkpoint import CheckpointError, verify_checkpoint
 from tutorial_lib.train.trainer import Trainer, TrainerConfig
 
 TINY = DiTConfig(in_channels=2, input_size=(4, 4), patch_size=2, hidden_size=16, depth=2, num_heads=2,
@@ -95,6 +100,25 @@ def local_shards(module) -> dict[str, torch.Tensor]:
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()}
 
 
+@contextlib.contextmanager
+def stale_listings(folder: Path):
+    """In this process, list `folder` and every folder under it as empty (os.listdir and os.scandir, which
+    pathlib's iterdir and glob and DCP's reader call), as on a node whose cached directory listings lag
+    what other nodes wrote; a file looked up by its name is still found."""
+    listdir, scandir, empty = os.listdir, os.scandir, folder.parent / "empty"
+    empty.mkdir(exist_ok=True)
+
+    def hidden(path) -> bool:
+        return isinstance(path, (str, bytes, os.PathLike)) and Path(os.fsdecode(path)).absolute().is_relative_to(folder)
+
+    os.listdir = lambda path=".": [] if hidden(path) else listdir(path)
+    os.scandir = lambda path=".": scandir(empty if hidden(path) else path)
+    try:
+        yield
+    finally:
+        os.listdir, os.scandir = listdir, scandir
+
+
 def _worker(rank: int, port: int, root: str):
     """One rank of every FSDP run; results to root/rank{rank}.json, whole tensors (rank 0) to safetensors."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -137,44 +161,46 @@ def _worker(rank: int, port: int, root: str):
         out["options"] = options.fit()
         out["options_units"] = [type(m).__name__ for m in distributed.fsdp_units(options.model)]
 
-        # (c) stopped in step 5, resumed from step 3's checkpoint.
+        # (c) stopped in step 5, resumed from step 3's checkpoint; (c) and (d) with rank 1's listings stale.
         straight = Trainer(tiny_dit(), drawn_noise_loss, data(), run_config(root / "straight"))
         straight.fit()
+        with stale_listings(root / "resumed") if rank == 1 else contextlib.nullcontext():
 
-        def crash_in_step_5(model, batch, generator):
-            if interrupted.step == 4:
-                raise KeyboardInterrupt
-            return drawn_noise_loss(model, batch, generator)
+            def crash_in_step_5(model, batch, generator):
+                if interrupted.step == 4:
+                    raise KeyboardInterrupt
+                return drawn_noise_loss(model, batch, generator)
 
-        interrupted = Trainer(tiny_dit(), crash_in_step_5, data(), run_config(root / "resumed", checkpoint_every=3))
-        try:
-            interrupted.fit()
-        except KeyboardInterrupt:
-            pass
-        resumed = Trainer(tiny_dit(seed=7), drawn_noise_loss, data(),
-                          run_config(root / "resumed", checkpoint_every=3))
-        out["resumed_from"] = resumed.load_checkpoint().name
-        out["resume_same_history"] = resumed.fit() == straight.history
-        assert_same_state(local_shards(resumed.model), local_shards(straight.model))
-        assert_same_state(local_shards(resumed.ema.model), local_shards(straight.ema.model))
-        moments = [(resumed.optimizer.state[a], straight.optimizer.state[b])
-                   for a, b in zip(resumed.params, straight.params)]
-        for a, b in moments:
-            assert_same_state({k: v.to_local() if isinstance(v, DTensor) else v for k, v in a.items()},
-                              {k: v.to_local() if isinstance(v, DTensor) else v for k, v in b.items()})
-        out["resume_same_state"] = True
+            interrupted = Trainer(tiny_dit(), crash_in_step_5, data(), run_config(root / "resumed", checkpoint_every=3))
+            try:
+                interrupted.fit()
+            except KeyboardInterrupt:
+                pass
+            resumed = Trainer(tiny_dit(seed=7), drawn_noise_loss, data(),
+                              run_config(root / "resumed", checkpoint_every=3))
+            out["resumed_from"] = resumed.load_checkpoint().name
+            out["resume_same_history"] = resumed.fit() == straight.history
+            assert_same_state(local_shards(resumed.model), local_shards(straight.model))
+            assert_same_state(local_shards(resumed.ema.model), local_shards(straight.ema.model))
+            moments = [(resumed.optimizer.state[a], straight.optimizer.state[b])
+                       for a, b in zip(resumed.params, straight.params)]
+            for a, b in moments:
+                assert_same_state({k: v.to_local() if isinstance(v, DTensor) else v for k, v in a.items()},
+                                  {k: v.to_local() if isinstance(v, DTensor) else v for k, v in b.items()})
+            out["resume_same_state"] = True
 
-        # (d) A damaged shard file: the rank that hashes it finds it, and every rank falls back.
-        newest = root / "resumed" / "checkpoints" / "step_00000006" / "shard-00002-model-00001-of-00001.safetensors"
-        if rank == 0:
-            damaged = bytearray(newest.read_bytes())
-            damaged[-3] ^= 0xFF
-            newest.write_bytes(bytes(damaged))
-        distributed.barrier(resumed.dist)
-        fallback = Trainer(tiny_dit(), drawn_noise_loss, data(), run_config(root / "resumed", checkpoint_every=3))
-        with contextlib.redirect_stderr(io.StringIO()) as messages:
-            out["fallback"] = fallback.load_checkpoint().name
-        out["fallback_message"] = messages.getvalue()
+            # (d) A damaged shard file: the rank that hashes it finds it, and every rank falls back.
+            newest = root / "resumed" / "checkpoints" / "step_00000006" / "shard-00002-model-00001-of-00001.safetensors"
+            if rank == 0:
+                damaged = bytearray(newest.read_bytes())
+                damaged[-3] ^= 0xFF
+                newest.write_bytes(bytes(damaged))
+            distributed.barrier(resumed.dist)
+            fallback = Trainer(tiny_dit(), drawn_noise_loss, data(), run_config(root / "resumed", checkpoint_every=3))
+            with contextlib.redirect_stderr(io.StringIO()) as messages:
+                out["fallback"] = fallback.load_checkpoint().name
+            out["fallback_message"] = messages.getvalue()
+            out["stale_listing"] = sorted(os.listdir(root / "resumed" / "checkpoints"))
 
         # (f) 6 examples do not split into 2 micro-batches on each of 2 ranks.
         out["errors"] = {}
@@ -268,6 +294,7 @@ def test_checkpoint_is_one_shard_file_per_rank(fsdp_run):
     names = sorted(p.name for p in step.iterdir())
     shards = [f"shard-0000{r + 1}-model-00001-of-00001.safetensors" for r in range(WORLD)]
     assert names == [*shards, "trainer.json"]  # no model.safetensors, no pickled .metadata
+    assert [distributed.shard_file(r) for r in range(WORLD)] == shards  # the names DCP writes, built
     meta = json.loads((step / "trainer.json").read_text())
     assert meta["kind"] == "sharded" and sorted(meta["files"]) == shards and len(meta["rng"]) == WORLD
     full = meta["shapes"]["blocks.0.mlp.0.weight"]  # [64, 16]
@@ -284,6 +311,22 @@ def test_a_damaged_shard_file_is_skipped_by_every_rank(fsdp_run):
     assert rank0["fallback"] == rank1["fallback"] == "step_00000003"
     assert "step_00000006: another rank found it damaged" in rank0["fallback_message"]
     assert "00002-model-00001-of-00001.safetensors is damaged: its SHA-256 differs" in rank1["fallback_message"]
+
+
+def test_rank_1_resumed_and_checkpointed_without_listing_a_folder(fsdp_run):
+    _, (rank0, rank1) = fsdp_run
+    assert rank1["stale_listing"] == [] and rank0["stale_listing"] == ["latest", "step_00000003", "step_00000006"]
+    assert rank1["resumed_from"] == "step_00000003" and rank1["resume_same_state"]  # as test_stopped_and_resumed
+
+
+def test_a_missing_shard_file_is_named(fsdp_run, tmp_path):
+    root, _ = fsdp_run
+    step = tmp_path / "step_00000006"
+    shutil.copytree(root / "fp32" / "checkpoints" / step.name, step)
+    assert verify_checkpoint(step)["kind"] == "sharded"
+    (step / distributed.shard_file(1)).unlink()
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(missing shard-00002-model-00001-of-00001"):
+        verify_checkpoint(step)
 
 
 def test_export_ema_is_a_plain_model_on_rank_0(fsdp_run, one_process):
