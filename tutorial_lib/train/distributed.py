@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -180,22 +179,24 @@ def shard_file(rank: int) -> str:
 
 def load_sharded(state: dict, folder: Path, files: list[str]):
     """Read `save_sharded`'s `files` (names in `folder`) into `state`'s tensors, in place, each rank
-    its own shards."""
+    its own shards; any other file in `folder` is not read."""
     reader = dcp.HuggingFaceStorageReader(str(folder))
-    reader.fs = _NamedFiles(files)  # its read_metadata takes the files that fs.ls(folder) returns
+    reader.fs = _Named(reader.fs, files)  # its read_metadata reads the files that fs.ls(folder) returns
     dcp.load(state, storage_reader=reader)
 
 
-class _NamedFiles(FileSystem):
-    """DCP's local file system, listing a checkpoint folder as the files named, not as the directory
-    shows it (which, on a shared file system, can lag what another node wrote)."""
+class _Named:
+    """DCP's file system `fs`, listing a checkpoint folder as the files named instead of asking the
+    directory (whose listing, on a shared file system, can lag what another node wrote)."""
 
-    def __init__(self, names: list[str]):
-        super().__init__()
-        self.names = names
+    def __init__(self, fs, names: list[str]):
+        self.fs, self.names = fs, names
 
     def ls(self, path) -> list[str]:
-        return [str(Path(path) / name) for name in self.names]
+        return [str(self.fs.concat_path(path, name)) for name in self.names]
+
+    def __getattr__(self, name):  # everything else: fs's own
+        return getattr(self.fs, name)
 
 
 def _comm_device() -> str:

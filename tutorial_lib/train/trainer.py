@@ -485,8 +485,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
     def _training_state(self) -> TrainingState:
         """What a checkpoint is written from and restored into (checkpoint.py)."""
-        return TrainingState(self.model, self.ema.model, self.optimizer, self.batches, self.generator, self.device,
-                             self.cfg, self._model_record, self.posthoc_ema, self.scaler)
+        return TrainingState(model=self.model, ema=self.ema.model, optimizer=self.optimizer, data_order=self.batches,
+                             generator=self.generator, device=self.device, config=self.cfg,
+                             model_record=self._model_record, posthoc_ema=self.posthoc_ema, scaler=self.scaler)
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step_XXXXXXXX and point `latest` at it; its path on rank 0, else None.
@@ -497,15 +498,11 @@ class Trainer:
         return self.checkpointer.save(self._training_state(), Progress(self.step, self.history, self._pending))
 
     def load_checkpoint(self, path: str | Path = "latest") -> Path:
-        """Restore everything from a checkpoint directory (default: the one `latest` names, or if
-        that one is missing or damaged, the newest good one, with a message for each one skipped).
-
-        The files are verified against the sizes and SHA-256 that trainer.json records. The model
-        must have the checkpoint's class, config and tensor shapes; batch_size, seed, the data set's
-        size, the number of ranks and the checkpoint's kind (FSDP's shards or whole files) must match
-        (the data order and each rank's RNG streams depend on them). Other config fields may change
-        (train longer, another lr), at the price of bit-exactness. Every check runs before anything
-        is loaded; a failed one raises CheckpointError. Every rank must call this.
+        """Restore everything from a checkpoint directory, verified (default: the one `latest` names, or
+        if that one is missing or damaged, the newest good one, with a message for each one skipped);
+        its path. A damaged checkpoint given by path, or one of another model, data order (batch_size,
+        seed, data set), number of ranks or parallelism, is a CheckpointError (`Checkpointer.load` says
+        what must match), raised before anything is loaded. Every rank must call this.
         """
         path, progress = self.checkpointer.load(self._training_state(), path)
         self.step, self.history, self._pending = progress.step, progress.history, progress.pending
