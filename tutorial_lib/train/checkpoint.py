@@ -26,12 +26,12 @@ tensor file: `Checkpointer.load` verifies them (each rank hashing its share of t
 newest checkpoint is missing or damaged it says so and falls back to the newest good one.
 
 Many nodes, one shared file system: a directory listing on one node can lag what another node has
-just written, so no rank acts on its own listing. A shard file's name is built from its rank
-(`distributed.shard_file`); each rank records the size and SHA-256 of the file it wrote itself, and
-DCP reads back the files trainer.json names. Which checkpoints exist, and which one `latest` names,
-is rank 0's reading, sent to every rank, so that all of them try the same checkpoints in the same
-order. Rank 0 alone lists folders, to find checkpoints and to prune old ones and the leftovers of
-interrupted writes.
+just written, so no rank relies on its own listing. A shard file's name is built from its rank
+(`distributed.shard_file`): each rank records the size and SHA-256 of the file it wrote itself, and
+DCP reads back exactly the files trainer.json names, each looked up by its name. Which checkpoints
+exist, and which one `latest` names, is rank 0's reading, sent to every rank, so that all of them
+try the same checkpoints in the same order. Only rank 0 lists folders: to find the checkpoints, and
+to prune old ones and the leftovers of interrupted writes.
 
 Resume is exact: weights, EMA (and post-hoc EMAs), optimizer moments, the step (the learning rate is
 a function of the step, so there is no scheduler state beyond it), the RNG states of every rank
