@@ -660,10 +660,11 @@ def stage_train(args, part: Part):
     part.data.update(model=dataclasses.asdict(cfg), params=sum(p.numel() for p in model.parameters()),
                      device=str(device), batch_size=batch_size, steps=steps, mixed_precision="bf16",
                      compile=config.compile, compile_backend=config.compile_backend, sdpa_backends=["FLASH_ATTENTION"])
-    torch._dynamo.reset()  # count this stage's graphs only
+    graphs = torch._dynamo.utils.counters["stats"]  # what torch.compile made in this process so far
+    graphs_before = graphs["unique_graphs"]
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # any other kernel would be an error
         history = trainer.fit()
-    part.data["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    part.data["compiled_graphs"] = graphs["unique_graphs"] - graphs_before
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     end = time.perf_counter()

@@ -39,7 +39,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     if "$py" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null; then
       echo "wheels: $name is installed; $whl left alone"
     else
-      echo "wheels: unpacking $whl"
+      echo "wheels: unpacking $whl into $site"
       "$py" -m zipfile -e "$whl" "$site" || { echo "wheels: cannot unpack $whl" >&2; exit 1; }
     fi
   done
