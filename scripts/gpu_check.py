@@ -10,7 +10,8 @@ stage on the CPU in seconds (tests/test_gpu_check.py does, so this script cannot
             modules that import them; else an error that says which, and gpu_check.sh stops there:
             every later stage needs them
     env     the machine: GPU name, torch, CUDA and cuDNN versions, TF32 flags, the peak used for MFU
-    tests   `pytest tests -m cuda`: pass, fail, error and skip counts, the failures' names
+    tests   `pytest -m cuda` on the test files that mark tests cuda: pass, fail, error and skip
+            counts, the failures' names
     fsdp    a DiT under FSDP2 (`distributed.shard`) in a process group of one rank (NCCL on a GPU,
             gloo on the CPU), bf16 blocks, activation checkpointing: a few AdamW steps, then the
             weights through DCP (`distributed.save_sharded`, `load_sharded`) into a freshly
@@ -226,6 +227,12 @@ def stage_env(args, part: Part):
 
 
 # ----------------------------------------------------------------------------- tests
+def cuda_test_files() -> list[str]:
+    """The test files that mention pytest's cuda mark: collecting the others (most of the suite) would
+    cost the stage's time only for `-m cuda` to deselect all their tests."""
+    return sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py") if "mark.cuda" in f.read_text())
+
+
 def stage_tests(args, part: Part):
     junit = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "junit.xml"
     # A test module that cannot be imported there (a package the GPU machine lacks) is one error,
@@ -323,9 +330,9 @@ def stage_fsdp(args, part: Part):
         return distributed.shard(model, device, param_dtype=torch.bfloat16)
 
     with one_rank_group(device) as backend:
+        nccl = torch.cuda.nccl.version() if device.type == "cuda" else None  # (major, minor, patch)
         part.data.update(device=str(device), backend=backend, world_size=1, model=dataclasses.asdict(cfg),
-                         batch_size=batch, nccl=".".join(map(str, torch.cuda.nccl.version()))
-                         if device.type == "cuda" else None)
+                         batch_size=batch, nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl)
         model = sharded_dit(0)
         part.data["params"] = sum(p.numel() for p in model.parameters())
         part.data["all_dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
@@ -741,7 +748,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tiny sizes, seconds on a CPU: the tiny preset, 3 training steps, 2 samplers")
     parser.add_argument("--prompts", type=Path, metavar="FILE",
                         help="sample with these stored MiniLM embeddings (--save-prompts) instead of MiniLM")
-    parser.add_argument("--tests", nargs="+", default=["tests"], help="what the tests stage gives pytest")
+    parser.add_argument("--tests", nargs="+", default=cuda_test_files(),
+                        help="what the tests stage gives pytest (default: the test files that mark tests cuda)")
     parser.add_argument("--tests-timeout", type=float, default=60, help="seconds pytest may run")
     parser.add_argument("--train-steps", type=int, default=250)
     parser.add_argument("--train-batch-size", type=int, default=128)

@@ -70,11 +70,11 @@ if ! stage preflight 30 --stage preflight "$@"; then
   echo "The import preflight failed (its error is in $json): every later stage needs those packages." >&2
   exit 1
 fi
-stage env 15 --stage env "$@"
+stage env 20 --stage env "$@"
 stage fsdp 45 --stage fsdp "$@"
 stage models 50 --stage models "$@"
 stage sample 55 --stage sample "$@"
-stage tests 50 --stage tests "$@" --tests-timeout 40
+stage tests 60 --stage tests "$@" --tests-timeout 50
 stage train 100 --stage train "$@"
 stage "bench DiT-B/2" 45 --stage bench "$@" --preset DiT-B/2
 stage "bench DiT-XL/2" 60 --stage bench "$@" --preset DiT-XL/2

@@ -66,7 +66,8 @@ def test_preflight_names_what_does_not_import(tmp_path, monkeypatch):
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--stage", "preflight", "--out", str(out), "--device", "cpu"]) == 1
     preflight = json.loads(out.read_text())["preflight"]
-    assert preflight["status"] == "error" and preflight["packages"]["diffusers"]["error"].startswith("ModuleNotFoundError")
+    assert preflight["status"] == "error"
+    assert preflight["packages"]["diffusers"]["error"].startswith("ModuleNotFoundError")
     assert "diffusers (the pipeline" in preflight["error"] and "huggingface_hub" in preflight["error"]
     assert preflight["packages"]["torch"]["error"] is None and preflight["packages"]["torch"]["version"]
 
