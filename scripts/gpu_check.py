@@ -287,13 +287,13 @@ def one_rank_group(device):
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store = Path(tempfile.mkdtemp(prefix="gpu_check_store_")) / "store"
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
-                            rank=0, world_size=1)
-    try:
-        yield dist.get_backend()
-    finally:
-        dist.destroy_process_group()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_store_") as store:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}/store",
+                                rank=0, world_size=1)
+        try:
+            yield dist.get_backend()
+        finally:
+            dist.destroy_process_group()
 
 
 def stage_fsdp(args, part: Part):
@@ -362,12 +362,12 @@ def stage_fsdp(args, part: Part):
               "checkpointing it runs twice a step (forward, then recomputed in backward)")
 
         # The weights through DCP's files into a DiT initialised from another seed, then compared.
-        folder = Path(tempfile.mkdtemp(prefix="gpu_check_dcp_"))
-        distributed.save_sharded({"model": get_model_state_dict(model)}, folder)
-        part.data["dcp_files"] = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
         restored = sharded_dit(1)
         state = {"model": get_model_state_dict(restored)}
-        distributed.load_sharded(state, folder)
+        with tempfile.TemporaryDirectory(prefix="gpu_check_dcp_") as folder:
+            distributed.save_sharded({"model": get_model_state_dict(model)}, Path(folder))
+            part.data["dcp_files"] = {f.name: f.stat().st_size for f in sorted(Path(folder).iterdir()) if f.is_file()}
+            distributed.load_sharded(state, Path(folder))
         set_model_state_dict(restored, state["model"])
         ours, theirs = get_model_state_dict(model), get_model_state_dict(restored)
         part.data["restored_shards_equal"] = ours.keys() == theirs.keys() and all(
