@@ -17,7 +17,10 @@ stage on the CPU in seconds (tests/test_gpu_check.py does, so this script cannot
             weights through DCP (`distributed.save_sharded`, `load_sharded`) into a freshly
             initialised sharded DiT, which must then hold the same shards and give the same output,
             bit for bit. Checked: every parameter is a DTensor, the blocks' linear layers run in
-            bfloat16, and each forward of a block is recomputed once in backward
+            bfloat16, and each forward of a block is recomputed once in backward. Then the Trainer
+            (parallelism="fsdp", bf16, activation checkpointing) in the same group: 2 steps, a
+            checkpoint, and a fresh Trainer that loads it and must hold the same weights, EMA and
+            optimizer state, bit for bit (with one rank the Trainer may not shard: "sharded" says)
     models  a few Trainer steps in bf16 of each architecture the DiT stages leave out: a DiT with
             experts and patch masking (mask_ratio 0.5), the MMDiT and the UNet, on synthetic
             latents with the word encoder's captions (masks of several lengths): losses, seconds
@@ -47,7 +50,8 @@ Numbers that could not be computed are null.
                "failed_tests": [...], "output_tail"},
      "fsdp": {"status", "seconds", "device", "backend", "world_size", "nccl", "model", "params", "batch_size",
               "losses", "all_dtensor", "block_linear_dtypes", "block_forwards_per_step", "dcp_files",
-              "restored_shards_equal", "restored_output_equal", "full_state_dict_tensors", "peak_memory_gib"},
+              "restored_shards_equal", "restored_output_equal", "full_state_dict_tensors", "peak_memory_gib",
+              "trainer": {"sharded", "losses", "checkpoint_files", "round_trip_equal": {"model", "ema", "optimizer"}}},
      "models": {"status", "seconds", "device", "mixed_precision", "text_encoder", "cases": {name:
                 {"status", "error", "architecture", "model", "mask_ratio", "params", "batch_size", "steps",
                  "losses", "finite", "seconds"}}},
@@ -278,6 +282,22 @@ def the_device(name: str):
         else device
 
 
+def same_state(ours: dict, theirs: dict) -> bool:
+    """Whether two state dicts have the same names and, bit for bit, the same tensors (this rank's
+    shards of DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [(a.to_local(), b.to_local()) if isinstance(a, DTensor) and isinstance(b, DTensor) else (a, b)
+             for a, b in ((ours[k], theirs.get(k)) for k in ours)]
+    return ours.keys() == theirs.keys() and all(a.equal(b) for a, b in local)
+
+
+def flat_optimizer_state(optimizer) -> dict:
+    """An optimizer's per-parameter tensors (AdamW's moments and step counts) as one flat dict."""
+    return {f"{index}.{name}": value for index, state in optimizer.state_dict()["state"].items()
+            for name, value in state.items()}
+
+
 @contextlib.contextmanager
 def one_rank_group(device):
     """A process group of one rank, NCCL on a GPU and gloo on the CPU, as `torchrun --nproc_per_node 1`
@@ -306,6 +326,7 @@ def stage_fsdp(args, part: Part):
     from tutorial_lib.models.dit import DiT, preset
     from tutorial_lib.text import TextEmbedding
     from tutorial_lib.train import distributed
+    from tutorial_lib.train.trainer import Trainer, TrainerConfig
 
     device = the_device(args.device)
     cfg = preset("tiny", depth=2, text_dim=16) if args.quick else preset("DiT-S/2", input_size=32, text_dim=384)
@@ -369,10 +390,7 @@ def stage_fsdp(args, part: Part):
             part.data["dcp_files"] = {f.name: f.stat().st_size for f in sorted(Path(folder).iterdir()) if f.is_file()}
             distributed.load_sharded(state, Path(folder))
         set_model_state_dict(restored, state["model"])
-        ours, theirs = get_model_state_dict(model), get_model_state_dict(restored)
-        part.data["restored_shards_equal"] = ours.keys() == theirs.keys() and all(
-            torch.equal(ours[k].to_local(), theirs[k].to_local()) if isinstance(ours[k], DTensor)
-            else torch.equal(ours[k], theirs[k]) for k in ours)
+        part.data["restored_shards_equal"] = same_state(get_model_state_dict(model), get_model_state_dict(restored))
         with torch.no_grad():
             part.data["restored_output_equal"] = torch.equal(model(x_t, t, text), restored(x_t, t, text))
         whole = distributed.full_state_dict(restored)  # gathered onto this rank's CPU
@@ -384,6 +402,35 @@ def stage_fsdp(args, part: Part):
         check(part.data["restored_shards_equal"], "the weights read back from DCP differ from those written")
         check(part.data["restored_output_equal"], "the DiT read back from DCP gives another output")
         check(whole.keys() == DiT(cfg).state_dict().keys(), "full_state_dict's names differ from a plain DiT's")
+
+        # The Trainer as `torchrun --nproc_per_node 1 ... --parallelism fsdp` builds it in this group:
+        # 2 steps and a checkpoint, read back by a fresh Trainer, whose weights, EMA and optimizer must
+        # then be the first one's, bit for bit. With one rank it may keep the model whole ("sharded").
+        records = (x0, noise, t, text.tokens, text.mask)
+
+        def loss_fn(net, batch, generator):
+            x0, noise, t, tokens, mask = batch
+            a, s = torch.cos(t * torch.pi / 2)[:, None, None, None], torch.sin(t * torch.pi / 2)[:, None, None, None]
+            return F.mse_loss(net(a * x0 + s * noise, t, TextEmbedding(tokens, mask)).float(), x0)
+
+        with tempfile.TemporaryDirectory(prefix="gpu_check_trainer_") as out_dir:
+            config = TrainerConfig(steps=2, batch_size=batch // 2, lr=1e-4, warmup_steps=0, parallelism="fsdp",
+                                   mixed_precision="bf16", activation_checkpointing=True, checkpoint_every=2,
+                                   log_every=1, tensorboard=False, out_dir=out_dir, device=str(device))
+            torch.manual_seed(0)
+            first = Trainer(DiT(cfg), loss_fn, records, config)
+            first.fit()
+            torch.manual_seed(1)
+            second = Trainer(DiT(cfg), loss_fn, records, config)
+            path = second.load_checkpoint()
+            part.data["trainer"] = {"sharded": first.sharded, "losses": [entry["loss"] for entry in first.history],
+                                    "checkpoint_files": sorted(f.name for f in path.iterdir()),
+                                    "round_trip_equal": {name: same_state(get(first), get(second)) for name, get in (
+                                        ("model", lambda tr: tr.model.state_dict()),
+                                        ("ema", lambda tr: tr.ema.model.state_dict()),
+                                        ("optimizer", lambda tr: flat_optimizer_state(tr.optimizer)))}}
+        check(all(part.data["trainer"]["round_trip_equal"].values()),
+              f"the Trainer's checkpoint read back differs: {part.data['trainer']['round_trip_equal']}")
 
 
 # ----------------------------------------------------------------------------- models

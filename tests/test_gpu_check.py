@@ -176,6 +176,9 @@ def test_fsdp_round_trip(report):
     assert fsdp["dcp_files"] and all(name.endswith(".safetensors") for name in fsdp["dcp_files"])
     assert fsdp["restored_shards_equal"] and fsdp["restored_output_equal"]
     assert fsdp["full_state_dict_tensors"] == len(DiT(preset("tiny", depth=2, text_dim=16)).state_dict())
+    trainer = fsdp["trainer"]  # the Trainer's own checkpoint, read back by a fresh Trainer
+    assert trainer["round_trip_equal"] == {"model": True, "ema": True, "optimizer": True}
+    assert "trainer.json" in trainer["checkpoint_files"] and len(trainer["losses"]) == 2
 
 
 def test_model_cases(report):
