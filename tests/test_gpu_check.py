@@ -1,14 +1,20 @@
 """scripts/gpu_check.py's stages run on the CPU in tiny sizes (--quick), so the GPU check cannot rot
-between the rare sessions that have a GPU; and the MFU arithmetic by hand."""
+between the rare sessions that have a GPU; the driver stops after a failed preflight and keeps to
+its time budget; positions built before torch.compile spare a recompilation; and the MFU
+arithmetic by hand."""
 
 import importlib.util
 import json
 import math
+import os
 import subprocess
+import sys
 
 import pytest
+import torch
 
-from tutorial_lib.models.dit import dit_cost, preset
+from tutorial_lib.models.dit import DiT, dit_cost, preset
+from tutorial_lib.text import TextEmbedding
 
 from .conftest import REPO_ROOT
 
@@ -42,7 +48,50 @@ def test_not_selected():
 
 
 def test_shell_driver_parses():
-    subprocess.run(["bash", "-n", str(REPO_ROOT / "scripts" / "gpu_check.sh")], check=True)
+    for script in ("gpu_check.sh", "gpu_check_prepare.sh"):
+        subprocess.run(["bash", "-n", str(REPO_ROOT / "scripts" / script)], check=True)
+
+
+def test_driver_stops_when_the_preflight_does_not_run(tmp_path):
+    # No time left: the preflight is skipped (exit code -1), and nothing after it runs.
+    env = {**os.environ, "OUT": str(tmp_path), "BUDGET": "0", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--quick"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "The import preflight failed" in done.stderr
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"exit_codes": {"preflight": -1}}
+
+
+def test_preflight_names_what_does_not_import(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--stage", "preflight", "--out", str(out), "--device", "cpu"]) == 1
+    preflight = json.loads(out.read_text())["preflight"]
+    assert preflight["status"] == "error"
+    assert preflight["packages"]["diffusers"]["error"].startswith("ModuleNotFoundError")
+    assert "diffusers (the pipeline" in preflight["error"] and "huggingface_hub" in preflight["error"]
+    assert preflight["packages"]["torch"]["error"] is None and preflight["packages"]["torch"]["version"]
+
+
+@pytest.mark.parametrize("built_first, compilations", [(False, 2), (True, 1)])
+def test_positions_built_before_compiling(built_first, compilations):
+    # A compiled DiT that fills its position cache itself is traced again at its next call.
+    torch.manual_seed(0)
+    model = DiT(preset("tiny", depth=1, text_dim=8, pos_embed="rope"))
+    if built_first:
+        model.build_positions()
+    traced = []
+
+    def backend(graph, example_inputs):
+        traced.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    text = TextEmbedding(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool))
+    for _ in range(3):
+        compiled(x, t, text)
+    assert len(traced) == compilations
 
 
 def test_mfu_by_hand():
@@ -82,8 +131,11 @@ def report(tmp_path_factory):
     prompts = tmp / "prompts.safetensors"
     out = ["--out", str(tmp / "gpu_check.json"), "--device", "cpu", "--quick"]
     assert gpu_check.main(["--save-prompts", str(prompts)]) == 0
-    codes = {"env": gpu_check.main(["--stage", "env", *out]),
+    codes = {"preflight": gpu_check.main(["--stage", "preflight", *out]),
+             "env": gpu_check.main(["--stage", "env", *out]),
              "tests": gpu_check.main(["--stage", "tests", *out, "--tests", str(tmp / "fake_tests")]),
+             "fsdp": gpu_check.main(["--stage", "fsdp", *out]),
+             "models": gpu_check.main(["--stage", "models", *out]),
              "sample": gpu_check.main(["--stage", "sample", *out, "--prompts", str(prompts)]),
              "train": gpu_check.main(["--stage", "train", *out, "--peak-tflops", "10"]),
              "bench": gpu_check.main(["--stage", "bench", *out, "--peak-tflops", "10"])}
@@ -93,8 +145,9 @@ def report(tmp_path_factory):
 
 
 def test_every_stage_ran(report):
-    assert report["exit_codes"] == {"env": 0, "tests": 0, "sample": 0, "train": 0, "bench": 0}
-    assert {report[k]["status"] for k in ("env", "tests", "sample", "train")} == {"ok"}
+    stages = ("preflight", "env", "tests", "fsdp", "models", "sample", "train")
+    assert report["exit_codes"] == {**dict.fromkeys(stages, 0), "bench": 0}
+    assert {report[k]["status"] for k in stages} == {"ok"}
     assert report["bench"]["tiny"]["status"] == "ok"
     assert report["env"]["device"] == "cpu" and report["env"]["torch"]
     assert report["env"]["peak_bf16_tflops"] is None  # no CPU is in the table
@@ -108,6 +161,36 @@ def test_tests_are_counted(report):
     assert sorted(t.rsplit(".", 1)[-1] for t in tests["failed_tests"]) == ["test_broken", "test_fake::test_fails"]
 
 
+def test_preflight_versions(report):
+    preflight = report["preflight"]
+    for name in gpu_check.PACKAGES:
+        assert preflight["packages"][name]["version"] and preflight["packages"][name]["error"] is None, name
+    assert preflight["modules"] and not any(preflight["modules"].values())
+
+
+def test_fsdp_round_trip(report):
+    fsdp = report["fsdp"]
+    assert (fsdp["backend"], fsdp["world_size"]) == ("gloo", 1) and fsdp["all_dtensor"]
+    assert fsdp["block_linear_dtypes"] == ["torch.bfloat16"] and fsdp["block_forwards_per_step"] == 2
+    assert len(fsdp["losses"]) == 3 and all(map(math.isfinite, fsdp["losses"]))
+    assert fsdp["dcp_files"] and all(name.endswith(".safetensors") for name in fsdp["dcp_files"])
+    assert fsdp["restored_shards_equal"] and fsdp["restored_output_equal"]
+    assert fsdp["full_state_dict_tensors"] == len(DiT(preset("tiny", depth=2, text_dim=16)).state_dict())
+    trainer = fsdp["trainer"]  # the Trainer's own checkpoint, read back by a fresh Trainer
+    assert trainer["round_trip_equal"] == {"model": True, "ema": True, "optimizer": True}
+    assert "trainer.json" in trainer["checkpoint_files"] and len(trainer["losses"]) == 2
+
+
+def test_model_cases(report):
+    cases = report["models"]["cases"]
+    assert set(cases) == {"dit_moe_masked", "mmdit", "unet"}
+    for name, case in cases.items():
+        assert case["status"] == "ok" and case["error"] is None, (name, case)
+        assert len(case["losses"]) == gpu_check.MODEL_STEPS[True][0] and case["finite"]
+    dit = cases["dit_moe_masked"]
+    assert dit["mask_ratio"] == 0.5 and dit["model"]["num_experts"] > 0 and dit["model"]["mixer_depth"] > 0
+
+
 def test_sample_cases(report):
     sample = report["sample"]
     assert sample["text_encoder"].startswith("MiniLM embeddings stored in")
@@ -115,7 +198,7 @@ def test_sample_cases(report):
     for sampler, cases in sample["cases"].items():
         assert set(cases) == set(gpu_check.QUICK_DTYPES)
         for dtype, case in cases.items():
-            assert case["error"] is None and case["finite"], (sampler, dtype, case)
+            assert case["error"] is None and case["finite"] and case["cast_from_float32"], (sampler, dtype, case)
             assert case["rerun_max_abs_diff"] == 0 and case["seconds"] > 0
             assert 0 <= case["max_abs_diff_vs_cpu_float32"] <= 2  # images lie in [-1, 1]
         assert cases["float32"]["max_abs_diff_vs_cpu_float32"] == 0  # the device is the CPU here
@@ -128,6 +211,7 @@ def test_train_and_bench_numbers(report):
     train = report["train"]
     assert math.isfinite(train["loss_first"]) and math.isfinite(train["loss_last"])
     assert train["steps"] == 3 and train["sdpa_backends"] == ["FLASH_ATTENTION"]
+    assert train["compile_backend"] == "eager" and train["compiled_graphs"] == 1  # positions built first
     assert train["images_per_s"] == pytest.approx(train["batch_size"] * train["steps_per_s"])
     assert train["peak_source"] == "--peak-tflops" and 0 < train["mfu"] < 1
     tiny = report["bench"]["tiny"]

@@ -351,6 +351,14 @@ class DiT(nn.Module):
                 self._positions[key] = self._make_positions(h, w, device)
         return self._positions[key]
 
+    def build_positions(self, input_size: int | tuple[int, int] | None = None):
+        """Fill the position cache for latents of input_size (default: the config's) on the model's
+        device. Call it before the first call of a torch.compile'd model: a compiled forward that
+        fills the cache itself has changed what it was traced with, and is traced again at its next call."""
+        cfg = self.config
+        height, width = latent_grid(cfg.input_size if input_size is None else input_size, cfg.patch_size)
+        self.positions(height // cfg.patch_size, width // cfg.patch_size, self.x_embedder.weight.device)
+
     def _make_positions(self, h: int, w: int, device):
         cfg, p = self.config, self.config.patch_size
         scale = (cfg.input_size[0] / p / h, cfg.input_size[1] / p / w) if cfg.pos_interpolation else (1.0, 1.0)
