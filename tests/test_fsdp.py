@@ -213,20 +213,12 @@ def test_fsdp_units_are_the_blocks_wherever_the_model_holds_them():
     class Wrapper(nn.Module):  # as CaptionConditionedDiT holds its DiT
         def __init__(self):
             super().__init__()
-            self.transformer = tiny_dit()
+            self.transformer = DiT(dataclasses.replace(TINY, mixer_depth=1))
 
-    class InnerBlock(nn.Linear):
-        pass
-
-    class OuterBlock(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([InnerBlock(2, 2), nn.Linear(2, 2)])
-
-    wrapper, nested = Wrapper(), nn.ModuleList([OuterBlock(), OuterBlock()])
-    assert distributed.fsdp_units(wrapper) == list(wrapper.transformer.blocks)[::-1]
-    inner = [nested[i].layers[0] for i in (1, 0)]
-    assert distributed.fsdp_units(nested) == [*inner, nested[1], nested[0]]  # inner blocks before their holders
+    wrapper = Wrapper()
+    dit = wrapper.transformer
+    assert distributed.fsdp_units(wrapper) == [*dit.mixer, *dit.blocks]  # in the order they run
+    assert distributed.fsdp_units(nn.Linear(2, 2)) == []
 
 
 def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_run, one_process):
