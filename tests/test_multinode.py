@@ -148,6 +148,6 @@ def test_hsdp_trains_as_fsdp_does(rehearsal):
     measured, the same 6 losses bit for bit and weights within 3.4e-5 (AdamW scales up gradients near 0)."""
     histories = [json.loads((rehearsal / f"straight-{p}" / "result.json").read_text())["history"]
                  for p in ("fsdp", "hsdp")]
-    assert histories[0] == histories[1]
+    assert [r["loss"] for r in histories[0]] == [r["loss"] for r in histories[1]]
     fsdp, hsdp = (load_file(rehearsal / f"straight-{p}" / "final.safetensors") for p in ("fsdp", "hsdp"))
     assert max((fsdp[k] - hsdp[k]).abs().max().item() for k in fsdp) < 1e-4
