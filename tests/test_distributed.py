@@ -221,7 +221,8 @@ def test_the_cli_passes_the_distributed_flags_and_leaves_the_group_also_on_error
     assert (trainer.parallelism, trainer.dist_timeout_minutes) == ("hsdp", 45.0)
 
     calls = []
-    monkeypatch.setattr(distributed, "setup", lambda minutes: calls.append(("setup", minutes)) or distributed.DistInfo())
+    monkeypatch.setattr(distributed, "setup",
+                        lambda minutes: calls.append(("setup", minutes)) or distributed.DistInfo())
     monkeypatch.setattr(distributed, "cleanup", lambda: calls.append("cleanup"))
 
     def failing_train(a, cfg, info):

@@ -376,7 +376,8 @@ def whole_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _matrix_worker(rank: int, port: int, root: str):
-    """One rank of every (architecture, mode); results to root/matrix_rank{rank}.json, weights (rank 0) to safetensors."""
+    """One rank of every (architecture, mode); results to root/matrix_rank{rank}.json, whole weights (rank 0) to
+    root/KEY.safetensors."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)

@@ -50,7 +50,7 @@ checkpoint holds instead one shard-XXXXX-model-00001-of-00001.safetensors per ra
 shards of the model, EMA and optimizer state, written and read back by that rank alone, so that no
 rank ever holds the whole state (DCP, see distributed.py), and trainer.json, which names the
 optimizer's parameters and records the tensors' full shapes. Such a checkpoint resumes the run
-(parallelism="fsdp", as many ranks); `export_ema()` gives the whole EMA model to save and share.
+(parallelism "fsdp" or "hsdp", as many ranks); `export_ema()` gives the whole EMA model to save and share.
 Nothing is pickled. Each checkpoint is written into a temporary directory, flushed to the disk
 (fsync) and then renamed into place, and `latest` is replaced the same way after it, so a crash or
 a power loss at any moment leaves the previous checkpoint and pointer intact. trainer.json records
@@ -233,8 +233,8 @@ class Trainer:
         micro-batch, mean-reduced. `model` is the module to call (wrapped by DDP or torch.compile:
         use `trainer.model` for its attributes). `generator` is a seeded CPU torch.Generator, one
         per rank, for every random draw (noise, timesteps, caption dropout). Metrics must have the
-        same names at every call. Under FSDP with bf16 the blocks run in bfloat16 (distributed.shard):
-        take the loss in float32, `model(...).float()`.
+        same names at every call. Under FSDP with bf16 the model's FSDP units run in bfloat16 and return
+        float32 (distributed.shard).
     data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, an
         object with __len__ whose __getitem__ takes a LongTensor of indices, or a map-style dataset
         with __len__ and __getitems__(list of indices) -> one whole batch (tensors, lists of strings).
