@@ -4,7 +4,8 @@
         -m tests.multinode_worker ROOT JOB [JOB ...]
 
 runs each JOB in turn, JOB = MODE:PARALLELISM (fsdp or hsdp), training tests.test_trainer's tiny DiT for 6
-steps on the 4 ranks with a checkpoint every 2 steps:
+steps on the 4 ranks (2 micro-batches a step, the gradient sync skipped on the first), with a checkpoint every
+2 steps:
     straight  from step 0 to the end, in ROOT/straight-PARALLELISM
     hold      from step 0 in ROOT/resumed-PARALLELISM, then inside step 5 (after step 4's checkpoint) every
               rank writes ROOT/resumed-PARALLELISM/held-rankR and waits to be killed (at most HOLD_SECONDS)
@@ -30,7 +31,8 @@ from tutorial_lib.train import distributed
 from tutorial_lib.train.trainer import Trainer
 
 HOLD_SECONDS = 120  # a held rank that nobody kills gives up: no orphan outlives the test for long
-RUN = dict(steps=6, batch_size=8, ema_decay=0.9, log_every=1, checkpoint_every=2, keep_checkpoints=None)
+RUN = dict(steps=6, batch_size=8, grad_accum_steps=2, ema_decay=0.9, log_every=1, checkpoint_every=2,
+           keep_checkpoints=None)  # 2 micro-batches of 1 per rank: the gradient sync skipped on the first
 
 
 def run(root: Path, mode: str, parallelism: str):
@@ -64,5 +66,6 @@ if __name__ == "__main__":
     try:
         for job in sys.argv[2:]:
             run(Path(sys.argv[1]), *job.split(":"))
+        distributed.barrier(distributed.setup())  # rank 0 has written its files: every rank leaves together
     finally:
         distributed.cleanup()

@@ -145,9 +145,10 @@ def test_killed_launchers_resume_bit_exactly(rehearsal, parallelism):
 
 def test_hsdp_trains_as_fsdp_does(rehearsal):
     """Same data, same RNG streams, the gradients reduced in another order (within each node, then across):
-    measured, the same 6 losses bit for bit and weights within 3.4e-5 (AdamW scales up gradients near 0)."""
+    measured, the 6 losses within 7.1e-8 (relative) and the weights within 1.2e-5 (AdamW scales up gradients
+    near 0) of FSDP's."""
     histories = [json.loads((rehearsal / f"straight-{p}" / "result.json").read_text())["history"]
                  for p in ("fsdp", "hsdp")]
-    assert [r["loss"] for r in histories[0]] == [r["loss"] for r in histories[1]]
+    assert [r["loss"] for r in histories[0]] == pytest.approx([r["loss"] for r in histories[1]], rel=1e-6)
     fsdp, hsdp = (load_file(rehearsal / f"straight-{p}" / "final.safetensors") for p in ("fsdp", "hsdp"))
     assert max((fsdp[k] - hsdp[k]).abs().max().item() for k in fsdp) < 1e-4

@@ -292,7 +292,9 @@ def _cmd_train(a):
     # Join the process group first, so that only rank 0 encodes the cache; leave it at the end, also on error.
     info = distributed.setup(cfg.trainer.dist_timeout_minutes)
     try:
-        return _train(a, cfg, info)
+        pipe = _train(a, cfg, info)
+        distributed.barrier(info)  # rank 0 has saved the pipeline: every rank leaves the group together
+        return pipe
     finally:
         distributed.cleanup()
 

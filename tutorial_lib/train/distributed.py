@@ -7,7 +7,8 @@ torchrun starts one process per device and tells each who it is through the envi
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). `setup()` reads it and joins the process group
 (NCCL on GPUs, gloo on CPUs); a plain `python my_script.py` is a world of one process, where every
 helper below does nothing. Call `cleanup()` at the end of the script, also when it fails (the CLI
-does): it destroys the process group, so no rank exits holding it.
+does): it destroys the process group, so no rank exits holding it. On success, `barrier()` first, so
+that every rank leaves together (not while rank 0 still writes its files).
 
 The process group's timeout (`setup(timeout_minutes)`, TrainerConfig.dist_timeout_minutes, the CLI's
 --dist-timeout, else $TUTORIAL_LIB_DIST_TIMEOUT_MINUTES, else 30 minutes) is how long a collective
