@@ -7,6 +7,8 @@ same two micro-batches (dividing by 2 is exact, and the sum of two gradients doe
 the order), and within 1e-6 when it takes all 8 at once (other float rounding in the reductions).
 (c) A DDP run stopped and resumed from its checkpoint ends where the uninterrupted one does.
 (d) `main_first`: rank 0 alone encodes the latent cache, the other rank waits and reads the same one.
+(e) The process group's timeout comes from the argument (TrainerConfig, the CLI's --dist-timeout), else the
+environment, else 30 minutes; the CLI's `train` leaves the group at the end, also when it fails.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -181,3 +184,51 @@ def test_rank_0_alone_builds_the_latent_cache(tiny_vae, real_test, tmp_path):
     rank0, rank1 = (load_file(tmp_path / f"latents_rank{r}.safetensors")["latents"] for r in range(WORLD))
     assert rank0.shape == (16, 4, 16, 16) and torch.equal(rank0, rank1)
     assert [p.name for p in (tmp_path / "latents").iterdir()] == [f"vae-{weights_hash(tiny_vae)}"]
+
+
+# ----------------------------------------------------------------------------- process group: timeout, cleanup
+def test_the_process_group_timeout_is_configurable(monkeypatch):
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.timeout() == timedelta(minutes=30)  # outlasts rank 0's checkpoint write (distributed.py)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "45")
+    assert distributed.timeout() == timedelta(minutes=45) and distributed.timeout(5) == timedelta(minutes=5)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="TUTORIAL_LIB_DIST_TIMEOUT_MINUTES must be a number of minutes"):
+        distributed.timeout()
+    with pytest.raises(ValueError, match="dist_timeout_minutes must be > 0 or None"):
+        TrainerConfig(dist_timeout_minutes=0)
+
+    joined = {}
+
+    def init_process_group(backend, timeout):  # what torchrun's environment would make setup() join
+        joined.update(backend=backend, timeout=timeout)
+        raise InterruptedError
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(InterruptedError):
+        distributed.setup(timeout_minutes=90)
+    assert joined == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+
+
+def test_the_cli_passes_the_distributed_flags_and_leaves_the_group_also_on_error(monkeypatch, tmp_path):
+    from tutorial_lib import cli
+
+    args = cli.build_parser().parse_args(["train", "--parallelism", "hsdp", "--dist-timeout", "45", "--out",
+                                          str(tmp_path)])
+    trainer = cli._train_config(args).trainer
+    assert (trainer.parallelism, trainer.dist_timeout_minutes) == ("hsdp", 45.0)
+
+    calls = []
+    monkeypatch.setattr(distributed, "setup",
+                        lambda minutes: calls.append(("setup", minutes)) or distributed.DistInfo())
+    monkeypatch.setattr(distributed, "cleanup", lambda: calls.append("cleanup"))
+
+    def failing_train(a, cfg, info):
+        raise RuntimeError("a rank failed")
+
+    monkeypatch.setattr(cli, "_train", failing_train)
+    with pytest.raises(RuntimeError, match="a rank failed"):
+        cli.main(["train", "--dist-timeout", "45", "--out", str(tmp_path)])
+    assert calls == [("setup", 45.0), "cleanup"]

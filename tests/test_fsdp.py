@@ -23,6 +23,12 @@ torchrun would start them, training a tiny DiT (two blocks, so two FSDP units an
 (f) A batch that the ranks do not divide is a clear error, under DDP and FSDP.
 (g) Notebook 07's DiT options (adaLN-single, whose shared t_block is in the root shard; Integrator Neurons,
     inside the blocks) with activation checkpointing take the one-process steps too, bit for bit.
+(h) Every architecture (DiT, MMDiT, UNet, tiny transformer) x {ddp, fsdp} x {fp32, bf16} x {activation
+    checkpointing off, on}, 2 steps in one spawn of 2 ranks, against one process (TOLERANCES, measured);
+    each architecture's FSDP units; under FSDP bf16, every checkpointed block recomputes from bfloat16
+    inputs (the checkpoint sits inside the unit).
+(i) Under gradient accumulation FSDP reduces once per step, with the same result as reducing each micro-batch.
+(j) MoE experts (E = 1 on 2 ranks) are sharded on a dimension the ranks divide, and train as one process does.
 """
 
 from __future__ import annotations
@@ -42,11 +48,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from tests.test_distributed import WORLD, spawn
 from tests.test_trainer import assert_same_state
+from tutorial_lib.models import dit as dit_module
 from tutorial_lib.models.dit import DiT, DiTConfig
+from tutorial_lib.models.mmdit import MMDiT, MMDiTConfig
+from tutorial_lib.models.tiny_transformer import TinyTransformer, TinyTransformerConfig
+from tutorial_lib.models.unet import UNet, UNetConfig
 from tutorial_lib.text.base import TextEmbedding
 from tutorial_lib.train import distributed
 from tutorial_lib.train.checkpoint import CheckpointError, verify_checkpoint
@@ -239,20 +249,12 @@ def test_fsdp_units_are_the_blocks_wherever_the_model_holds_them():
     class Wrapper(nn.Module):  # as CaptionConditionedDiT holds its DiT
         def __init__(self):
             super().__init__()
-            self.transformer = tiny_dit()
+            self.transformer = DiT(dataclasses.replace(TINY, mixer_depth=1))
 
-    class InnerBlock(nn.Linear):
-        pass
-
-    class OuterBlock(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([InnerBlock(2, 2), nn.Linear(2, 2)])
-
-    wrapper, nested = Wrapper(), nn.ModuleList([OuterBlock(), OuterBlock()])
-    assert distributed.fsdp_units(wrapper) == list(wrapper.transformer.blocks)[::-1]
-    inner = [nested[i].layers[0] for i in (1, 0)]
-    assert distributed.fsdp_units(nested) == [*inner, nested[1], nested[0]]  # inner blocks before their holders
+    wrapper = Wrapper()
+    dit = wrapper.transformer
+    assert distributed.fsdp_units(wrapper) == [*dit.mixer, *dit.blocks]  # in the order they run
+    assert distributed.fsdp_units(nn.Linear(2, 2)) == []
 
 
 def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_run, one_process):
@@ -360,3 +362,230 @@ def test_notebook_07_options_take_the_one_process_steps(fsdp_run, tmp_path):
     one = Trainer(DiT(TINY_OPTIONS), fixed_noise_loss, data(), run_config(tmp_path, grad_accum_steps=2))
     assert losses(rank0["options"]) == losses(one.fit()) and rank0["options"] == rank1["options"]
     assert rank0["options_units"] == ["FSDPDiTBlock", "FSDPDiTBlock"] and len(set(losses(rank0["options"]))) == 6
+
+
+# ------------------------------------------------------------------------ every architecture x mode
+# Each denoiser x {ddp, fsdp} x {fp32, bf16} x {activation checkpointing off, on}: 2 steps on 2 ranks (one
+# spawn for all), against one process accumulating the same two micro-batches in the same precision
+# (autocast bf16 there: FSDP's bf16 casts the weights of its units instead, so only a tolerance holds).
+ARCHITECTURES = {
+    "dit": lambda: DiT(TINY),
+    "mmdit": lambda: MMDiT(MMDiTConfig(in_channels=2, input_size=(4, 4), hidden_size=16, depth=1,
+                                       depth_single_blocks=1, num_heads=2, text_dim=8, frequency_embedding_size=16)),
+    "unet": lambda: UNet(UNetConfig(in_channels=2, input_size=(4, 4), block_out_channels=(16, 32),
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+                                    norm_num_groups=8, text_dim=8)),
+    "tiny_transformer": lambda: TinyTransformer(TinyTransformerConfig(latent_channels=2, latent_size=4, dim=16,
+                                                                      depth=2, heads=2, text_dim=8)),
+}
+MODES = [(parallelism, precision, ac) for parallelism in ("ddp", "fsdp") for precision in ("no", "bf16")
+         for ac in (False, True)]
+UNITS = {"dit": ["FSDPDiTBlock"] * 2, "mmdit": ["FSDPDoubleStreamBlock", "FSDPSingleStreamBlock"],
+         "unet": ["FSDPDownBlock2D", "FSDPCrossAttnDownBlock2D", "FSDPUNetMidBlock2DCrossAttn",
+                  "FSDPCrossAttnUpBlock2D", "FSDPUpBlock2D"],
+         "tiny_transformer": ["FSDPBlock"] * 2}
+# Measured (2 steps at lr 1e-2, rank 0 against one process; `python -m pytest tests/test_fsdp.py -s -k every`
+# prints the table): DDP (float32, and bf16 under autocast on both sides) and float32 FSDP take the same losses,
+# bit for bit; their weights are equal too but for float32 FSDP's, whose reduce-scatter adds the gradients in
+# another order, by up to 5.6e-6 (the UNet's; AdamW divides tiny gradients by their own size). FSDP bf16 (the
+# units' weights cast to bfloat16) against autocast bf16 (each op's inputs cast): losses within 6.3e-3 of each
+# other (relative), the two steps' weight updates within 16% (|dw - dw_ref| / |dw_ref|, AdamW again: a
+# gradient near 0 whose sign bfloat16 flips moves its weight by lr the other way).
+TOLERANCES = {"no": (0.0, 1e-5, 1e-5), "bf16": (1e-2, None, 0.25)}  # (relative loss, weights, relative update)
+
+
+def architecture(name: str) -> nn.Module:
+    """A tiny `name` denoiser, seeded, its weights moved off their zero initialisation (adaLN-Zero, zeroed
+    output layers) so that every block shapes the output and gets a gradient from the first step."""
+    torch.manual_seed(0)
+    model = ARCHITECTURES[name]()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def matrix_config(out_dir: Path, **overrides) -> TrainerConfig:
+    return run_config(out_dir, **{"steps": 2, "warmup_steps": 0, **overrides})
+
+
+def whole_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The trained weights on rank 0's CPU ({} on rank 1 under FSDP): a collective under FSDP."""
+    if trainer.sharded:
+        return distributed.full_state_dict(trainer.model)
+    return {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _matrix_worker(rank: int, port: int, root: str):
+    """One rank of every (architecture, mode); results to root/matrix_rank{rank}.json, whole weights (rank 0) to
+    root/KEY.safetensors."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    root, out = Path(root), {"losses": {}, "units": {}, "checkpoint_inputs": {}}
+    recorded = []  # the dtypes of the tensors each checkpointed function received
+    dit_module.checkpoint = recording(dit_module.checkpoint, recorded)
+    try:
+        for name in ARCHITECTURES:
+            for parallelism, precision, ac in MODES:
+                key = f"{name}-{parallelism}-{precision}-{'ac' if ac else 'plain'}"
+                trainer = Trainer(architecture(name), fixed_noise_loss, data(),
+                                  matrix_config(root / key, parallelism=parallelism, mixed_precision=precision,
+                                                activation_checkpointing=ac))
+                for m in trainer.model.modules():  # diffusers' blocks hold their checkpoint function
+                    if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+                        m._gradient_checkpointing_func = recording(m._gradient_checkpointing_func, recorded)
+                recorded.clear()
+                out["losses"][key] = losses(trainer.fit())
+                out["checkpoint_inputs"][key] = sorted(set(recorded))
+                if parallelism == "fsdp" and precision == "no" and not ac:
+                    out["units"][name] = [type(m).__name__ for m in distributed.fsdp_units(trainer.model)]
+                weights = whole_weights(trainer)
+                if rank == 0:
+                    save_file(weights, root / f"{key}.safetensors")
+
+        # Gradient accumulation under FSDP: no gradient reaches the shards before the last micro-batch.
+        seen = []
+
+        def watching_loss(model, batch, generator):
+            seen.append(any(p.grad is not None for p in model.parameters()))
+            return fixed_noise_loss(model, batch, generator)
+
+        trainer = Trainer(architecture("dit"), watching_loss, data(), matrix_config(root / "accum", grad_accum_steps=2))
+        out["accum"], out["accum_grads_seen"] = losses(trainer.fit()), seen
+        weights = whole_weights(trainer)
+        if rank == 0:
+            save_file(weights, root / "accum.safetensors")
+
+        # Experts (E = 1) on 2 ranks: sharded on a dimension the ranks divide, no padding.
+        trainer = Trainer(moe_dit(), fixed_noise_loss, data(), matrix_config(root / "moe"))
+        experts = trainer.model.blocks[1].mlp.experts
+        out["expert_placements"] = {k: [str(p) for p in v.placements] for k, v in experts.state_dict().items()}
+        out["expert_local_shapes"] = {k: list(v.to_local().shape) for k, v in experts.state_dict().items()}
+        out["moe"] = losses(trainer.fit())
+        weights = whole_weights(trainer)
+        if rank == 0:
+            save_file(weights, root / "moe.safetensors")
+        (root / f"matrix_rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        distributed.cleanup()
+
+
+def recording(checkpoint_fn, dtypes: list):
+    """`checkpoint_fn`, noting the dtype of every floating-point tensor it is given (the block's inputs)."""
+    def run(fn, *args, **kwargs):
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)]
+        dtypes.extend(str(t.dtype) for t in tensors if t.is_floating_point())
+        return checkpoint_fn(fn, *args, **kwargs)
+    return run
+
+
+def moe_dit() -> DiT:
+    torch.manual_seed(0)
+    return DiT(dataclasses.replace(TINY, num_experts=1, capacity_factor=1.0))
+
+
+@pytest.fixture(scope="module")
+def matrix_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("matrix")
+    spawn(_matrix_worker, (str(root),), seconds=300)
+    return root, [json.loads((root / f"matrix_rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def one_process_run(model: nn.Module, out_dir: Path, **overrides) -> tuple[list[float], dict]:
+    trainer = Trainer(model, fixed_noise_loss, data(), matrix_config(out_dir, grad_accum_steps=2, **overrides))
+    return losses(trainer.fit()), trainer.model.state_dict()
+
+
+def update_difference(weights: dict, ref: dict, start: dict) -> float:
+    """|dw - dw_ref| / |dw_ref| over all tensors: how far two runs' updates from the same `start` differ."""
+    diff = sum((weights[k] - ref[k]).double().square().sum() for k in start)
+    return (diff / sum((ref[k] - start[k]).double().square().sum() for k in start)).sqrt().item()
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_every_architecture_and_mode_matches_one_process(matrix_run, tmp_path):
+    root, (rank0, rank1) = matrix_run
+    assert rank0["losses"] == rank1["losses"]  # the scalars are averaged over ranks
+    measured = {}
+    for name in ARCHITECTURES:
+        start = architecture(name).state_dict()
+        one = {precision: one_process_run(architecture(name), tmp_path / f"{name}-{precision}",
+                                          mixed_precision=precision) for precision in ("no", "bf16")}
+        for parallelism, precision, ac in MODES:
+            key = f"{name}-{parallelism}-{precision}-{'ac' if ac else 'plain'}"
+            ref_losses, ref_weights = one[precision]
+            got, weights = rank0["losses"][key], load_file(root / f"{key}.safetensors")
+            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got, ref_losses))
+            measured[key] = (loss_diff, max_difference(weights, ref_weights),
+                             update_difference(weights, ref_weights, start))
+    print("\n".join(f"{k}: loss {a:.2e} weights {b:.2e} update {c:.2e}" for k, (a, b, c) in measured.items()))
+    for key, (loss_diff, weight_diff, update_diff) in measured.items():
+        name, parallelism, precision, ac = key.split("-")
+        if parallelism == "ddp" or precision == "no":  # the same losses, bit for bit
+            assert loss_diff == 0, key
+        if parallelism == "ddp":  # and the same weights
+            assert weight_diff == 0, key
+        loss_tol, weight_tol, update_tol = TOLERANCES[precision]
+        assert loss_diff <= loss_tol and update_diff <= update_tol, (key, loss_diff, update_diff)
+        assert weight_tol is None or weight_diff <= weight_tol, (key, weight_diff)
+        if ac == "ac":  # recomputing changes nothing, bit for bit
+            plain = key.replace("-ac", "-plain")
+            assert rank0["losses"][key] == rank0["losses"][plain], key
+            assert_same_state(load_file(root / f"{key}.safetensors"), load_file(root / f"{plain}.safetensors"))
+    assert measured["unet-fsdp-bf16-plain"][0] > 0  # bfloat16 did run
+
+
+def test_every_architecture_has_its_fsdp_units(matrix_run):
+    _, (rank0, _) = matrix_run
+    assert rank0["units"] == UNITS  # fully_shard renames classes; the UNet's down, mid and up blocks
+
+
+def test_checkpointed_blocks_recompute_from_the_inputs_fsdp_cast(matrix_run):
+    """The checkpoint sits inside each FSDP unit: under bf16 every block input it saves (and recomputes
+    from) is bfloat16, on any torch version; a checkpoint around the unit would save float32 ones."""
+    _, (rank0, _) = matrix_run
+    inputs = rank0["checkpoint_inputs"]
+    for name in ARCHITECTURES:
+        assert inputs[f"{name}-fsdp-bf16-ac"] == ["torch.bfloat16"], name
+        assert inputs[f"{name}-fsdp-no-ac"] == inputs[f"{name}-ddp-no-ac"] == ["torch.float32"], name
+        assert inputs[f"{name}-fsdp-bf16-plain"] == [], name  # checkpointing off: no recompute
+
+
+def test_fsdp_reduces_gradients_once_per_step_under_accumulation(matrix_run, tmp_path):
+    root, (rank0, _) = matrix_run
+    assert rank0["accum_grads_seen"] == [False, False] * 2  # no gradient on the shards before the last micro-batch
+    one = Trainer(architecture("dit"), fixed_noise_loss, data(), matrix_config(tmp_path, grad_accum_steps=4))
+    assert rank0["accum"] == losses(one.fit())
+    # The same losses, bit for bit. The weights: each rank sums its 2 micro-batches' gradients and they are reduced
+    # once, another order of float additions than one process's 4 micro-batches. Measured, |dw - dw_ref| / |dw_ref|:
+    # 4.3e-4 (max |difference| 2.2e-4, where AdamW scales up a gradient near 0); reduced after each micro-batch
+    # as before, 3.8e-4 (2.3e-4): the same result.
+    weights = load_file(root / "accum.safetensors")
+    assert update_difference(weights, one.model.state_dict(), architecture("dit").state_dict()) < 1e-3
+
+
+def test_experts_are_sharded_on_a_dimension_the_ranks_divide(matrix_run, tmp_path):
+    root, (rank0, _) = matrix_run
+    # E = 1 expert on 2 ranks: w1 [1, 16, 64], b1 [1, 1, 64], w2 [1, 64, 16], b2 [1, 1, 16]
+    assert rank0["expert_placements"] == {"w1": ["S(2)"], "b1": ["S(2)"], "w2": ["S(1)"], "b2": ["S(2)"]}  # Shard(d)
+    assert rank0["expert_local_shapes"] == {"w1": [1, 16, 32], "b1": [1, 1, 32], "w2": [1, 32, 16], "b2": [1, 1, 8]}
+    one = Trainer(moe_dit(), fixed_noise_loss, data(), matrix_config(tmp_path, grad_accum_steps=2))
+    assert rank0["moe"] == losses(one.fit())
+    weights = load_file(root / "moe.safetensors")
+    assert update_difference(weights, one.model.state_dict(), moe_dit().state_dict()) < TOLERANCES["no"][2]
+
+
+def test_expert_placement_avoids_padding_or_refuses():
+    placement = distributed.expert_placement
+    assert placement(nn.Parameter(torch.empty(8, 1152, 4608)), 8) is None  # dim 0, FSDP's default
+    assert placement(nn.Parameter(torch.empty(8, 1152, 4608)), 16) == Shard(2)  # 8 experts, 16 ranks
+    assert placement(nn.Parameter(torch.empty(8, 4608, 1152)), 16) == Shard(1)
+    with pytest.raises(ValueError, match=r"shape \(1, 3, 5\) over 2 ranks without padding"):
+        placement(nn.Parameter(torch.empty(1, 3, 5)), 2)

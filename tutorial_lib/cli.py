@@ -273,7 +273,8 @@ def _train_config(a):
                             posthoc_ema_sigma_rels=a.posthoc_ema, posthoc_snapshot_every=a.posthoc_snapshot_every,
                             mixed_precision=a.mixed_precision, compile=a.compile, seed=a.seed,
                             out_dir=str(a.out / "run"), checkpoint_every=a.checkpoint_every,
-                            parallelism=a.parallelism, activation_checkpointing=a.activation_checkpointing,
+                            parallelism=a.parallelism, dist_timeout_minutes=a.dist_timeout,
+                            activation_checkpointing=a.activation_checkpointing,
                             num_workers=a.num_workers, device=a.device)
     kwargs = {"dim": _model_config(a).text_dim} if a.text_encoder == "word" else {}
     if a.lora_rank is None and (a.lora_alpha is not None or a.lora_targets is not None):
@@ -285,6 +286,21 @@ def _train_config(a):
 
 
 def _cmd_train(a):
+    from .train import distributed
+
+    cfg = _train_config(a)
+    # Join the process group first, so that only rank 0 encodes the cache; leave it at the end, also on error.
+    info = distributed.setup(cfg.trainer.dist_timeout_minutes)
+    try:
+        pipe = _train(a, cfg, info)
+        distributed.barrier(info)  # rank 0 has saved the pipeline: every rank leaves the group together
+        return pipe
+    finally:
+        distributed.cleanup()
+
+
+def _train(a, cfg, info):
+    """`train`'s work once the process group is joined: data, training, then the pipeline on rank 0."""
     from .data.latents import latent_cache
     from .diffusion.samplers import default_sampler
     from .pipeline import TextToImagePipeline, start_level
@@ -293,8 +309,6 @@ def _cmd_train(a):
     from .train.records import train_on_records
     from .train.text_to_image import train_text_to_image
 
-    cfg = _train_config(a)
-    info = distributed.setup()  # join the process group first, so that only rank 0 encodes the cache
     start = time.perf_counter()
     if a.data is None:  # Fashion-MNIST with class captions (notebooks 01 and 03)
         vae = None
@@ -673,11 +687,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="autocast dtype; fp16 on a GPU only (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--parallelism", choices=("ddp", "fsdp"), default="ddp",
-                   help="under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: parameters, gradients "
-                   "and optimizer state sharded across ranks) (default: %(default)s)")
+    p.add_argument("--parallelism", choices=("ddp", "fsdp", "hsdp"), default="ddp",
+                   help="under torchrun: ddp (every rank holds the model), fsdp (FSDP2: parameters, gradients "
+                   "and optimizer state sharded across ranks) or hsdp (sharded across the GPUs of a node, "
+                   "replicated across nodes) (default: %(default)s)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="MINUTES",
+                   help="under torchrun: how long a collective waits for the slowest rank, e.g. while rank 0 "
+                   "writes a checkpoint (default: $TUTORIAL_LIB_DIST_TIMEOUT_MINUTES, else 30)")
     p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each DiT block's activations in backward: less memory, about a third more compute")
+                   help="recompute each block's activations in backward: less memory, about a third more compute")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes per rank (default: %(default)s: read in the training process)")
     p.add_argument("--checkpoint-every", type=int, default=500,

@@ -51,7 +51,18 @@ switch on the module, not a config field, so configs and saved weights do not de
 diffusers' `gradient_checkpointing`): with `model.gradient_checkpointing = True` (the Trainer's
 `activation_checkpointing`), each block keeps only its inputs during a forward that records gradients
 and runs again in backward (`torch.utils.checkpoint`, non-reentrant), so activation memory grows with
-one block instead of `depth` blocks, for about one more forward pass of compute.
+one block instead of `depth` blocks, for about one more forward pass of compute. The checkpoint sits
+inside each block's own forward (`checkpointed`), not around the call to the block: under FSDP2 each
+block is a unit whose pre-forward hook gathers its weights and casts its inputs to bfloat16 before
+forward starts, so the checkpoint saves the cast inputs and the recompute runs on them, as torchtitan
+does by wrapping each block in `checkpoint_wrapper` before `fully_shard`. A checkpoint around the
+unit's call instead keeps float32 inputs, and torch releases whose FSDP2 does not cast inputs again
+during the recompute then meet bfloat16 weights with float32 activations (a dtype error in
+backward). The blocks keep their names, so state_dict keys (and shipped weights) do not change, as
+they would under `checkpoint_wrapper`'s `_checkpoint_wrapped_module` prefix.
+
+`DiT.fsdp_units()` names the modules FSDP shards as units (train/distributed.py): the blocks, in the
+order they run.
 
 Written for this course from the papers. facebookresearch/DiT's code (CC BY-NC) was read, not
 copied; module names (x_embedder, t_embedder, y_embedder, adaLN_modulation, final_layer) follow
@@ -62,7 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
+from functools import wraps
 
 import torch
 from torch import nn
@@ -233,9 +244,31 @@ def adaln(layer: nn.Module, c: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]
     return (c.view(len(c), -1, table.shape[1]) + table).unbind(1)  # [B, k or 1, D] + [k, D] -> k x [B, D]
 
 
+def checkpointed(forward):
+    """A block's forward that recomputes itself in backward while the block's `gradient_checkpointing` is
+    True and gradients are recorded (`torch.utils.checkpoint`, non-reentrant; module docstring: it runs
+    inside the call, after any forward pre-hook such as FSDP's)."""
+
+    @wraps(forward)
+    def run(block, *args, **kwargs):
+        if block.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+        return forward(block, *args, **kwargs)
+
+    return run
+
+
+def switch_checkpointing(blocks, on: bool):
+    """Set `gradient_checkpointing` on every block of `blocks` (a model's switch, its setter)."""
+    for block in blocks:
+        block.gradient_checkpointing = on
+
+
 class DiTBlock(nn.Module):
     """Self-attention, cross-attention to the text, MLP; adaLN-Zero gates on the first and last; optionally
     Integrator Neurons at the end."""
+
+    gradient_checkpointing = False  # True: recompute in backward (`checkpointed`); DiT's switch sets it
 
     def __init__(self, cfg: DiTConfig, moe: bool = False):
         super().__init__()
@@ -253,6 +286,7 @@ class DiTBlock(nn.Module):
         self.integrator = (IntegratorNeurons(d, cfg.integrator_iterations, cfg.integrator_mlp_ratio)
                            if cfg.integrator else None)
 
+    @checkpointed
     def forward(self, x, c, text: TextEmbedding, rope=None, return_gates: bool = False):
         """x [B, N, D], c [B, D] (adaLN-single: t_block's [B, 6D]), text tokens [B, L, D_text] with mask
         [B, L] -> [B, N, D]; with return_gates, also the Integrator's gates [B, T, N]."""
@@ -302,8 +336,6 @@ class DiT(nn.Module):
     """forward(x [B, C, H, W], t [B] in [0, 1], TextEmbedding(tokens [B, L, D_text], mask [B, L]))
     -> [B, C, H, W]. H and W may be any multiples of patch_size."""
 
-    gradient_checkpointing = False  # True: recompute each block in backward (module docstring)
-
     def __init__(self, config: DiTConfig | None = None):
         super().__init__()
         self.config = cfg = config or DiTConfig()
@@ -341,6 +373,19 @@ class DiT(nn.Module):
             nn.init.normal_(self.t_block[1].weight, std=0.02)
             for layer in modulated:
                 nn.init.normal_(layer.scale_shift_table, std=self.config.hidden_size ** -0.5)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True: recompute each block in backward (module docstring); the switch of every block."""
+        return all(block.gradient_checkpointing for block in self.fsdp_units())
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool):
+        switch_checkpointing(self.fsdp_units(), on)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (train/distributed.py): the blocks, the patch-mixer's first."""
+        return [*self.mixer, *self.blocks]
 
     def positions(self, h: int, w: int, device) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """For an h x w grid of patches: the sin-cos embedding [h*w, D], or RoPE's (cos, sin)."""
@@ -445,13 +490,11 @@ class DiT(nn.Module):
 
     def run_blocks(self, blocks: nn.ModuleList, tokens, c, text, rope, gates: list | None = None):
         """tokens [B, N, D] through `blocks`; each block's Integrator gates [B, T, N] appended to `gates` if given."""
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in blocks:
-            run = partial(checkpoint, block, use_reentrant=False) if recompute else block
             if gates is None:
-                tokens = run(tokens, c, text, rope)  # [B, N, D]
+                tokens = block(tokens, c, text, rope)  # [B, N, D]
             else:
-                tokens, block_gates = run(tokens, c, text, rope, return_gates=True)
+                tokens, block_gates = block(tokens, c, text, rope, return_gates=True)
                 gates.append(block_gates)
         return tokens
 

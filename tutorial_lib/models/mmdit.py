@@ -58,10 +58,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..text.base import TextEmbedding, masked_mean
-from .dit import DiT, DiTConfig, DiTCost, FinalLayer, init_dit_like, latent_grid
+from .dit import DiT, DiTConfig, DiTCost, FinalLayer, checkpointed, init_dit_like, latent_grid, switch_checkpointing
 from .layers import MLP, apply_rope, modulate, qk_norm_layer, rope_2d, timestep_embedding
 
 
@@ -174,10 +173,13 @@ class Stream(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """MMDiT's block (SD3; Flux's first blocks): separate weights per stream, one joint attention."""
 
+    gradient_checkpointing = False  # True: recompute in backward (dit.checkpointed); MMDiT's switch sets it
+
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         self.txt, self.img = Stream(cfg), Stream(cfg)
 
+    @checkpointed
     def forward(self, txt, img, c, rope, mask):
         """txt [B, L, D], img [B, N, D], c [B, D], rope over L + N tokens, mask [B, L + N] -> txt, img."""
         txt_mod = self.txt.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [B, D]
@@ -191,6 +193,8 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Flux's single-stream block on [txt; img]: parallel attention and MLP from one fused projection."""
 
+    gradient_checkpointing = False  # as DoubleStreamBlock's
+
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         d, self.heads = cfg.hidden_size, cfg.num_heads
@@ -202,6 +206,7 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.linear2 = nn.Linear(d + self.mlp_hidden, d)  # attention output and MLP hidden -> D
 
+    @checkpointed
     def forward(self, x, c, rope, mask):
         """x [B, L + N, D], c [B, D], rope over L + N tokens, mask [B, L + N] -> [B, L + N, D]."""
         shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=1)  # 3 x [B, D]
@@ -214,7 +219,6 @@ class MMDiT(nn.Module):
     """forward(x [B, C, H, W], t [B] in [0, 1], TextEmbedding(tokens [B, L, D_text], mask [B, L]))
     -> [B, C, H, W]. H and W may be any multiples of patch_size."""
 
-    gradient_checkpointing = False  # True: recompute each block in backward (as models/dit.py)
     check_inputs = DiT.check_inputs  # the same fields, the same checks and messages
 
     def __init__(self, config: MMDiTConfig | None = None):
@@ -242,6 +246,19 @@ class MMDiT(nn.Module):
         for layer in [*zeroed, self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True: recompute each block in backward, inside the block (as models/dit.py)."""
+        return all(block.gradient_checkpointing for block in self.fsdp_units())
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool):
+        switch_checkpointing(self.fsdp_units(), on)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (train/distributed.py): the double-stream blocks, then the single."""
+        return [*self.double_blocks, *self.single_blocks]
 
     def rope(self, text_len: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE (cos, sin), each [L + N, head_dim], for L text tokens at (0, 0) then an h x w grid."""
@@ -271,18 +288,13 @@ class MMDiT(nn.Module):
         mask = torch.cat([text.mask, text.mask.new_ones(b, h * w)], dim=1)  # [B, L + N]: image tokens are real
 
         for block in self.double_blocks:
-            txt, img = self.run(block, txt, img, c, rope, mask)  # [B, L, D], [B, N, D]
+            txt, img = block(txt, img, c, rope, mask)  # [B, L, D], [B, N, D]
         tokens = torch.cat([txt, img], dim=1)  # [B, L + N, D]
         for block in self.single_blocks:
-            tokens = self.run(block, tokens, c, rope, mask)  # [B, L + N, D]
+            tokens = block(tokens, c, rope, mask)  # [B, L + N, D]
         out = self.final_layer(tokens[:, text_len:], c)  # [B, N, C*p*p], each patch (C, p, p) as Flux packs it
         out = out.reshape(b, h, w, c_in, p, p)  # [B, h, w, C, p, p]
         return torch.einsum("bhwcpq->bchpwq", out).reshape(b, c_in, height, width)  # [B, C, H, W]
-
-    def run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
 
 # ----------------------------------------------------------------------------- cost

@@ -4,6 +4,9 @@ Each of the h*w latent pixels (C channels) is one token. Every block adds the no
 embedding to the tokens, then applies pre-norm self-attention, cross-attention to the caption
 tokens, and an MLP, each as a residual. The output is x0_hat, the model's estimate of the clean
 latent (x0-prediction).
+
+Activation checkpointing and FSDP units as the DiT's (models/dit.py): `model.gradient_checkpointing = True`
+recomputes each block in backward, inside the block; `fsdp_units()` are the blocks.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from ..text.word_encoder import TextEmbedding
+from .dit import checkpointed, switch_checkpointing
 from .layers import MLP, Attention, sincos_2d, timestep_embedding
 
 
@@ -41,6 +45,8 @@ def preset(name: str) -> TinyTransformerConfig:
 
 
 class Block(nn.Module):
+    gradient_checkpointing = False  # True: recompute in backward (dit.checkpointed); the model's switch sets it
+
     def __init__(self, cfg: TinyTransformerConfig):
         super().__init__()
         self.time = nn.Linear(cfg.dim, cfg.dim)
@@ -48,6 +54,7 @@ class Block(nn.Module):
         self.norm2, self.cross_attn = nn.LayerNorm(cfg.dim), Attention(cfg.dim, cfg.heads, cfg.text_dim)
         self.norm3, self.mlp = nn.LayerNorm(cfg.dim), MLP(cfg.dim)
 
+    @checkpointed
     def forward(self, x, temb, text: TextEmbedding):
         x = x + self.time(temb)[:, None]  # [B, N, D] + [B, 1, D]
         x = x + self.self_attn(self.norm1(x))
@@ -65,6 +72,18 @@ class TinyTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.dim)
         self.patch_out = nn.Linear(cfg.dim, cfg.latent_channels)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return all(block.gradient_checkpointing for block in self.blocks)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool):
+        switch_checkpointing(self.blocks, on)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (train/distributed.py): the blocks."""
+        return list(self.blocks)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
         """x_t [B, C, h, w], noise level t [B] in [0, 1], caption tokens -> x0_hat [B, C, h, w]."""

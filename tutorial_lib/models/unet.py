@@ -31,7 +31,11 @@ diffusers model: `pipe.transformer.unet.save_pretrained(folder)` writes diffuser
 `diffusers.UNet2DConditionModel.from_pretrained(folder)` reads without tutorial_lib.
 
 Activation checkpointing: `model.gradient_checkpointing = True` (the Trainer's activation_checkpointing)
-switches diffusers' own on (`enable_gradient_checkpointing`).
+switches diffusers' own on (`enable_gradient_checkpointing`): each down, mid and up block checkpoints
+its residual blocks and transformers from inside its own forward. FSDP (train/distributed.py) shards
+those blocks as units (`fsdp_units()`), so every checkpoint sits inside a unit, after FSDP's pre-forward
+hook has cast the unit's inputs (as models/dit.py explains); the rest (conv_in, the time and pooled-text
+embeddings, the output norm and conv_out) is the root.
 """
 
 from __future__ import annotations
@@ -167,6 +171,12 @@ class UNet(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool):
         self.unet.enable_gradient_checkpointing() if on else self.unet.disable_gradient_checkpointing()
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (train/distributed.py): the down blocks, the mid block and the
+        up blocks of diffusers' model, in the order they run."""
+        unet = self.unet
+        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
         """x_t [B, C, H, W], noise level t [B] in [0, 1], caption tokens -> F(x_t) [B, C, H, W]."""

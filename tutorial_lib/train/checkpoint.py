@@ -16,7 +16,7 @@ checkpoint holds instead one shard-XXXXX-model-00001-of-00001.safetensors per ra
 shards of the model, EMA and optimizer state, written and read back by that rank alone, so that no
 rank ever holds the whole state (DCP, see distributed.py), and trainer.json, which names the
 optimizer's parameters and records the tensors' full shapes. Such a checkpoint resumes the run
-(parallelism="fsdp", as many ranks); the Trainer's `export_ema()` gives the whole EMA model to save
+(parallelism "fsdp" or "hsdp", as many ranks); the Trainer's `export_ema()` gives the whole EMA model to save
 and share. Nothing is pickled.
 
 Each checkpoint is written into a temporary directory, flushed to the disk (fsync) and then renamed

@@ -7,8 +7,8 @@
     ranks, micro-batch]: this rank's column, read by a DataLoader (workers, pinned memory, prefetch)
     for each of the grad_accum_steps micro-batches:
         with autocast (not under FSDP): loss = loss_fn(model, micro-batch, generator)
-        (loss / grad_accum_steps).backward()   # DDP all-reduces gradients on the last micro-batch,
-                                               # FSDP reduce-scatters them on each
+        (loss / grad_accum_steps).backward()   # DDP and FSDP reduce the gradients on the last
+                                               # micro-batch only; before it, they accumulate
     loss and metrics, averaged over micro-batches and ranks: not finite -> stop (NonFiniteError)
     clip the gradient norm (unscaled first under fp16): not finite -> stop
     lr <- schedule(step); optimizer step; EMA update
@@ -31,13 +31,15 @@ records, so the read-ahead never changes where a resumed run continues.
 
 Several ranks (torchrun; distributed.py): parallelism="ddp" keeps the whole model on every rank;
 "fsdp" shards parameters, gradients, optimizer moments and the EMA across ranks (FSDP2), with
-bf16 mixed precision done by FSDP itself (the blocks in bfloat16, the rest in float32). In one
-process "fsdp" is plain training (nothing to shard). activation_checkpointing recomputes each
-transformer block in backward (any mode).
+bf16 mixed precision done by FSDP itself (the model's FSDP units in bfloat16, the rest in float32);
+"hsdp" shards them within each node and replicates across nodes. In one process "fsdp" and "hsdp"
+are plain training (nothing to shard). activation_checkpointing recomputes each block in backward
+(any mode), from inside the block. dist_timeout_minutes bounds how long a collective waits for the
+slowest rank (distributed.setup).
 
 Checkpoints (checkpoint.py describes their files and how they are written, verified and chosen):
 every checkpoint_every steps, out_dir/checkpoints/step_XXXXXXXX, written whole or not at all, with
-out_dir/checkpoints/latest naming the newest. Under FSDP each rank writes and reads its own shards;
+out_dir/checkpoints/latest naming the newest. Under FSDP and HSDP each rank writes and reads its own shards;
 `export_ema()` gives the whole EMA model to save and share. Resume (`load_checkpoint`, from the
 newest good checkpoint) is exact: weights, EMA (and post-hoc EMAs), optimizer moments, the step, the
 RNG states of every rank and the position in the data order. A run stopped and resumed ends bit for
@@ -59,7 +61,7 @@ import copy
 import json
 import math
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,7 +81,8 @@ from .loader import Gathered, MicroBatches, ShuffledBatches, in_cpu_memory, tree
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
-PARALLELISMS = ("ddp", "fsdp")
+PARALLELISMS = ("ddp", "fsdp", "hsdp")
+SHARDED = ("fsdp", "hsdp")  # the parallelisms that shard (distributed.shard)
 
 
 class NonFiniteError(FloatingPointError):
@@ -104,8 +107,12 @@ class TrainerConfig:
     posthoc_ema_sigma_rels: tuple[float, ...] | None = None
     posthoc_snapshot_every: int | None = None
     mixed_precision: str = "no"  # "no" | "bf16" (CPU or GPU) | "fp16" (GPU only, with a GradScaler; not with FSDP)
-    # With several ranks: "ddp" (every rank holds the whole model) or "fsdp" (shards; distributed.py).
+    # With several ranks: "ddp" (every rank holds the whole model), "fsdp" (shards) or "hsdp" (shards within a
+    # node, replicas across nodes); distributed.py.
     parallelism: str = "ddp"
+    # How long a collective waits for the slowest rank; None: $TUTORIAL_LIB_DIST_TIMEOUT_MINUTES, else 30
+    # (distributed.setup: longer than rank 0's checkpoint write). Applies when the Trainer joins the group.
+    dist_timeout_minutes: float | None = None
     activation_checkpointing: bool = False  # recompute each block in backward (models with `gradient_checkpointing`)
     num_workers: int = 0  # DataLoader worker processes per rank; 0: batches are read in the training process
     prefetch_factor: int | None = None  # micro-batches each worker reads ahead (workers only); None: 2
@@ -146,12 +153,14 @@ class TrainerConfig:
              f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}"),
             (self.parallelism in PARALLELISMS,
              f"parallelism must be one of {PARALLELISMS}, got {self.parallelism!r}"),
-            (self.parallelism != "fsdp" or self.mixed_precision != "fp16",
-             "parallelism='fsdp' takes mixed_precision 'bf16' or 'no', not 'fp16' (it would need a GradScaler "
-             "over sharded gradients)"),
-            (self.parallelism != "fsdp" or sigma_rels is None,
-             "posthoc_ema_sigma_rels is not supported with parallelism='fsdp' (its snapshots are whole "
-             "models); use parallelism='ddp'"),
+            (self.parallelism not in SHARDED or self.mixed_precision != "fp16",
+             f"parallelism={self.parallelism!r} takes mixed_precision 'bf16' or 'no', not 'fp16' (it would need a "
+             "GradScaler over sharded gradients)"),
+            (self.parallelism not in SHARDED or sigma_rels is None,
+             f"posthoc_ema_sigma_rels is not supported with parallelism={self.parallelism!r} (its snapshots are "
+             "whole models); use parallelism='ddp'"),
+            (self.dist_timeout_minutes is None or self.dist_timeout_minutes > 0,
+             f"dist_timeout_minutes must be > 0 or None, got {self.dist_timeout_minutes}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers >= 1),
              f"prefetch_factor (micro-batches each worker reads ahead) must be >= 1 and needs num_workers "
@@ -187,8 +196,8 @@ class Trainer:
         micro-batch, mean-reduced. `model` is the module to call (wrapped by DDP or torch.compile:
         use `trainer.model` for its attributes). `generator` is a seeded CPU torch.Generator, one
         per rank, for every random draw (noise, timesteps, caption dropout). Metrics must have the
-        same names at every call. Under FSDP with bf16 the blocks run in bfloat16 (distributed.shard):
-        take the loss in float32, `model(...).float()`.
+        same names at every call. Under FSDP with bf16 the model's FSDP units run in bfloat16 and return
+        float32 (distributed.shard).
     data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, an
         object with __len__ whose __getitem__ takes a LongTensor of indices, or a map-style dataset
         with __len__ and __getitems__(list of indices) -> one whole batch (tensors, lists of strings).
@@ -202,7 +211,7 @@ class Trainer:
         self.cfg = cfg = config or TrainerConfig()
         self.loss_fn, self.sample_fn = loss_fn, sample_fn
         self.dataset = data if hasattr(data, "__getitems__") else Gathered(data)
-        self.dist = distributed.setup()
+        self.dist = distributed.setup(cfg.dist_timeout_minutes)
         self.device = torch.device(cfg.device) if cfg.device else self.dist.default_device()
         cuda = self.device.type == "cuda"
         if cuda and self.device.index is None:  # "cuda": the current GPU (under torchrun, LOCAL_RANK's)
@@ -238,22 +247,20 @@ class Trainer:
 
         self.model = model.to(self.device).train()  # the module itself: checkpoints and EMA use it
         self._model_record = model_record(model)  # before FSDP renames its class (DiT -> FSDPDiT)
-        self.sharded = cfg.parallelism == "fsdp" and self.dist.enabled  # one process: nothing to shard
+        self.sharded = cfg.parallelism in SHARDED and self.dist.enabled  # one process: nothing to shard
         if self.sharded:
             distributed.broadcast_module(self.model, self.dist)  # rank 0's initial weights, as DDP's
             self.net = self.model  # what loss_fn calls; sharded in place below
         else:
             self.net = distributed.wrap(self.model, self.dist, self.device)  # DDP (it broadcasts) or the model
-        # On every micro-batch but the last, DDP skips its all-reduce and gradients just accumulate.
-        # FSDP reduce-scatters on every micro-batch instead: unsharded gradients would cost the memory it saves.
-        self._no_sync = self.net.no_sync if self.dist.enabled and not self.sharded else nullcontext
         self.ema = EMA(self.model, cfg.ema_decay)  # after the broadcast: every rank starts alike
         self.posthoc_ema = PowerEMA(self.model, cfg.posthoc_ema_sigma_rels) if cfg.posthoc_ema_sigma_rels else None
         if self.sharded:
             self._skeleton = copy.deepcopy(self.model).to("meta")  # what export_ema fills; no memory
             bf16 = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-            distributed.shard(self.model, self.device, param_dtype=bf16)
-            distributed.shard(self.ema.model, self.device)  # the same shards: each rank averages its own
+            mesh = distributed.device_mesh(self.dist, self.device, hybrid=cfg.parallelism == "hsdp")
+            distributed.shard(self.model, mesh, param_dtype=bf16)
+            distributed.shard(self.ema.model, mesh)  # the same shards: each rank averages its own
         for switch in switches if cfg.activation_checkpointing else []:
             switch.gradient_checkpointing = True  # the live model's only: the EMA never runs backward
         if cfg.compile:
@@ -353,7 +360,7 @@ class Trainer:
         for i in range(accum):
             batch = tree_map(lambda t: t.to(self.device, non_blocking=self.pin_memory) if torch.is_tensor(t) else t,
                               next(micro_batches))
-            with self._no_sync() if i < accum - 1 else nullcontext():
+            with self._no_sync() if i < accum - 1 else nullcontext():  # gradients reduced on the last only
                 with self._autocast():
                     loss, metrics = self._loss(batch)
                 (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
@@ -396,6 +403,22 @@ class Trainer:
             raise ValueError(f"loss_fn must return a scalar tensor, or (loss, metrics); got "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__}.")
         return loss, metrics
+
+    @contextmanager
+    def _no_sync(self):
+        """Backward inside accumulates this rank's gradients without reducing them across ranks (DDP's
+        no_sync; FSDP's and HSDP's gradient sync off, distributed.set_gradient_sync)."""
+        if not self.dist.enabled:
+            yield
+        elif not self.sharded:
+            with self.net.no_sync():
+                yield
+        else:
+            distributed.set_gradient_sync(self.model, False)
+            try:
+                yield
+            finally:
+                distributed.set_gradient_sync(self.model, True)
 
     def _autocast(self):
         if self.cfg.mixed_precision == "no" or self.sharded:  # FSDP casts the weights itself (distributed.shard)
