@@ -348,7 +348,7 @@ def stage_fsdp(args, part: Part):
         model = DiT(cfg).to(device)
         for switch in [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]:
             switch.gradient_checkpointing = True
-        return distributed.shard(model, device, param_dtype=torch.bfloat16)
+        return distributed.shard(model, distributed.device_mesh(distributed.DistInfo(), device), param_dtype=torch.bfloat16)
 
     with one_rank_group(device) as backend:
         nccl = torch.cuda.nccl.version() if device.type == "cuda" else None  # (major, minor, patch)
