@@ -46,12 +46,15 @@ def sample_beta(n: int, a: float, b: float, generator: torch.Generator | None = 
     """n noise levels t ~ Beta(a, b); Beta(1, 2.5) puts most training on low noise levels.
 
     torch's Beta sampler draws from the global RNG, so it runs on a fork of it seeded from
-    `generator`: the same generator state gives the same t, and global state is untouched.
+    `generator`: the same generator state gives the same t, and global state is untouched. The draw
+    is on the CPU and moved to the generator's device: from a GPU generator, reading the seed is a
+    sync with the host (the one draw in training that makes one).
     """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    device = None if generator is None else generator.device
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return torch.distributions.Beta(float(a), float(b)).sample((n,))
+        return torch.distributions.Beta(float(a), float(b)).sample((n,)).to(device)
 
 
 def time_grid(steps: int, t_max: float = 1.0, t_min: float = 0.0,

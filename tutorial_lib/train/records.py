@@ -70,10 +70,10 @@ def record_loss_fn(objective: Objective, null: TextEmbedding | None = None, post
     """
 
     def loss_fn(model, batch, generator):
-        x0 = batch["mean"]
+        x0, device = batch["mean"], generator.device  # draws on the generator's device: the trainer's GPU
         if posterior:  # z ~ N(mean, std^2), drawn from the trainer's generator (exact resume)
-            x0 = x0 + batch["std"] * torch.randn(x0.shape, generator=generator).to(x0.device)
-        drop = torch.rand(len(x0), generator=generator) < objective.cond_drop
+            x0 = x0 + batch["std"] * torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
+        drop = torch.rand(len(x0), generator=generator, device=device) < objective.cond_drop
         return diffusion_loss(model, x0, _drop_text(batch, drop, null), objective, generator)
 
     return loss_fn

@@ -283,7 +283,8 @@ def _t_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, gener
     schedule = objective.noise_schedule()
     t = sample_timesteps(b, objective.t_distribution, generator, beta=objective.t_beta,
                          logit_normal=objective.t_logit_normal, shift=objective.t_shift).to(x0.device)
-    eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
+    eps = offset_noise(torch.randn(x0.shape, generator=generator, device=generator.device), objective.offset_noise,
+                       generator)
     x_t = schedule.add_noise(x0, t, perturb_input(eps, objective.input_perturbation, generator).to(x0.device))
     eps = eps.to(x0.device)
     alpha, sigma = schedule.alpha_sigma_like(t, x0)
@@ -302,7 +303,8 @@ def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, gene
     if objective.sigma_data is None:
         raise ValueError("The EDM loss needs the latents' sigma_data: train_text_to_image measures it "
                          "when training starts; else set Objective(sigma_data=edm.measure_sigma_data(latents)).")
-    eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
+    eps = offset_noise(torch.randn(x0.shape, generator=generator, device=generator.device), objective.offset_noise,
+                       generator)
     inputs = perturb_input(eps, objective.input_perturbation, generator)
     return edm_loss(EDMPrecond(model, objective.sigma_data), x0, text, generator, P_mean=objective.P_mean,
                     P_std=objective.P_std, noise=eps.to(x0.device), input_noise=inputs.to(x0.device),
@@ -310,14 +312,19 @@ def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, gene
 
 
 def make_loss_fn(rows_per_class: torch.Tensor, null_row: int, objective: Objective):
-    """The Trainer's loss_fn(model, (x0, y), generator): pick a caption per item, drop, diffuse."""
+    """The Trainer's loss_fn(model, (x0, y), generator): pick a caption per item, drop, diffuse.
+    Every draw is on the generator's device (the Trainer's is on its GPU), and so is the caption
+    table after the first step: nothing is copied from or to the host."""
+    tables = {}  # device -> rows_per_class there
 
     def loss_fn(model, batch, generator):
         x0, y = batch
-        b = len(y)
-        pick = torch.randint(0, rows_per_class.shape[1], (b,), generator=generator)
-        rows = rows_per_class[y.cpu(), pick]
-        drop = torch.rand(b, generator=generator) < objective.cond_drop
+        b, device = len(y), generator.device
+        if device not in tables:
+            tables[device] = rows_per_class.to(device)
+        pick = torch.randint(0, rows_per_class.shape[1], (b,), generator=generator, device=device)
+        rows = tables[device][y.to(device), pick]
+        drop = torch.rand(b, generator=generator, device=device) < objective.cond_drop
         rows = torch.where(drop, null_row, rows).to(x0.device)
         return diffusion_loss(model, x0, rows, objective, generator)
 

@@ -271,7 +271,8 @@ class Trainer:
         # Randomness, per rank: torch's global RNG (dropout, say) and loss_fn's generator, whose
         # seed is drawn from the former so that one seed gives two independent streams.
         torch.manual_seed(cfg.seed + self.dist.rank)
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        # It lives on the training device, so noise, t and masks are drawn there (no copy, no sync).
+        self.generator = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, ())))
 
         self.model = model.to(self.device).train()  # the module itself: checkpoints and EMA use it
         self._model_record = _model_record(model)  # before FSDP renames its class (DiT -> FSDPDiT)
@@ -298,13 +299,16 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in self.params if p.ndim >= 2]},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        # Fused: one kernel a step, and it can skip a step on the device (`found_inf`, as GradScaler's).
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
 
         self.step = 0  # optimizer steps done
         self.history: list[dict] = []  # one record of mean scalars per log_every steps
-        self._pending = {"sums": {}, "counts": {}}  # scalars since the last record
+        self._pending = {"sums": {}, "counts": {}}  # scalars since the last record, on the host
+        self._unread: list[tuple[int, float, list[str], torch.Tensor]] = []  # (step, lr, names, values on the device)
+        self._skip = torch.zeros((), device=self.device)  # 1 from a non-finite step on: updates skipped
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.posthoc_dir = self.out_dir / "posthoc_ema"
@@ -347,9 +351,12 @@ class Trainer:
         micro_batches = iter(self._loader())  # from the data order's state now (after a resume, the restored one)
         try:
             while self.step < cfg.steps:
-                self._add_pending(self._train_step(micro_batches))
+                self._train_step(micro_batches)
                 bar.update()
                 done = self.step == cfg.steps
+                everies = (cfg.log_every, cfg.sample_every, cfg.posthoc_snapshot_every, cfg.checkpoint_every)
+                if any(_due(self.step, every, done) for every in everies):
+                    self._read_scalars()  # the one sync with the host, before anything is logged or written
                 if _due(self.step, cfg.log_every, done):
                     record = self._log(writer)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
@@ -377,9 +384,18 @@ class Trainer:
                           prefetch_factor=cfg.prefetch_factor, pin_memory=self.pin_memory,
                           generator=torch.Generator().manual_seed(cfg.seed))
 
-    def _train_step(self, micro_batches) -> dict[str, float]:
-        """One optimizer step over the next grad_accum_steps of `micro_batches` (`_loader`'s); its
-        scalars (loss, metrics, grad_norm, lr), the same on every rank."""
+    def _train_step(self, micro_batches):
+        """One optimizer step over the next grad_accum_steps of `micro_batches` (`_loader`'s). Its
+        scalars (loss, metrics, grad_norm; the same on every rank) stay on the device, appended to
+        `_unread` for `_read_scalars`: no step syncs with the host.
+
+        A non-finite loss or gradient norm cannot stop the loop without a sync, so it stops the
+        updates instead: `_skip` becomes 1 on the device, and from then on the fused AdamW skips every
+        step (`found_inf`, the flag GradScaler's skips use) and gradient clipping's NaN never reaches a
+        weight. `_read_scalars`, at the next logging, sampling or checkpoint step, raises NonFiniteError
+        naming the first bad step, before anything is written. Under fp16 the GradScaler skips steps
+        with a non-finite gradient itself (and lowers its scale); a non-finite loss poisons the
+        gradients so that it skips those too."""
         cfg, accum = self.cfg, self.cfg.grad_accum_steps
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -393,37 +409,55 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = self._loss(batch)
                 (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
-            values = [loss.detach().float(), *(torch.as_tensor(v).detach().float().to(self.device)
+            values = [loss.detach().float(), *(torch.as_tensor(v, device=self.device).detach().float()
                                                for v in metrics.values())]
             total = total + torch.stack(values)  # [1 + metrics]
-        # The step's scalars, averaged over micro-batches and ranks, on the host.
-        means = distributed.all_reduce_mean(total / accum, self.dist).tolist()
-        scalars = dict(zip(["loss", *metrics], means))
-        if not math.isfinite(scalars["loss"]):
-            raise NonFiniteError(self._stop_message("loss", scalars["loss"]))
-
-        if self.scaler:
+        means = distributed.all_reduce_mean(total / accum, self.dist)  # averaged over micro-batches and ranks
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.scaler:  # non-finite gradients make the scaler skip: a non-finite loss (ever) makes them so
+            self._skip = torch.maximum(self._skip, (~means[0].isfinite()).float())
+            torch._foreach_mul_(grads, torch.where(self._skip > 0, math.nan, 1.0))
             self.scaler.unscale_(self.optimizer)
         # FSDP: each rank's norm is of its shards; full_tensor combines them into the whole gradient's.
-        norm = distributed.full_tensor(nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        norm = distributed.full_tensor(nn.utils.get_total_norm(grads))
         nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip or math.inf, norm)
-        grad_norm = norm.item()
-        if self.scaler:  # a non-finite norm under fp16: the scaler skips this step and lowers its scale
-            self.scaler.step(self.optimizer)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # fused AdamW: the scaler hands it found_inf, no sync
             self.scaler.update()
-            scalars["loss_scale"] = self.scaler.get_scale()
-        elif math.isfinite(grad_norm):
-            self.optimizer.step()
+            values = [means, norm[None].float(), self.scaler._get_scale_async()[None].float()]
         else:
-            raise NonFiniteError(self._stop_message("gradient norm", grad_norm))
+            finite = means[0].isfinite() & norm.isfinite()
+            self._skip = torch.maximum(self._skip, (~finite).float())
+            self.optimizer.found_inf = self._skip  # read by the fused step: 1 skips it
+            self.optimizer.step()
+            del self.optimizer.found_inf
+            values = [means, norm[None].float()]
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model, self.step)
+        self.ema.update(self.model, self.step)  # after a skipped step, an average of unchanged weights
         if self.posthoc_ema is not None:
             self.posthoc_ema.update(self.model, self.step)
+        names = ["loss", *metrics, "grad_norm", *(["loss_scale"] if self.scaler else [])]
+        self._unread.append((self.step, lr, names, torch.cat(values)))
         self.step += 1
-        if math.isfinite(grad_norm):
-            scalars["grad_norm"] = grad_norm
-        return {**scalars, "lr": lr}
+
+    def _read_scalars(self):
+        """The scalars of the steps since the last read, to the host in one sync and into the pending
+        sums; NonFiniteError for the first step whose loss (or, without fp16's scaler, gradient norm)
+        was not finite. Under fp16 a non-finite gradient norm is the scaler's business: left out."""
+        if not self._unread:
+            return
+        rows = torch.cat([values for *_, values in self._unread]).tolist()
+        for step, lr, names, values in self._unread:
+            scalars = dict(zip(names, rows[:len(names)]))
+            del rows[:len(names)]
+            for what, name in (("loss", "loss"), ("gradient norm", "grad_norm")):
+                if not math.isfinite(scalars[name]) and not (self.scaler and name == "grad_norm"):
+                    self._unread = []
+                    raise NonFiniteError(self._stop_message(step, what, scalars[name]))
+            if not math.isfinite(scalars["grad_norm"]):
+                del scalars["grad_norm"]
+            self._add_pending({**scalars, "lr": lr})
+        self._unread = []
 
     def _loss(self, batch) -> tuple[torch.Tensor, dict]:
         out = self.loss_fn(self.net, batch, self.generator)
@@ -439,11 +473,13 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _stop_message(self, what: str, value: float) -> str:
+    def _stop_message(self, step: int, what: str, value: float) -> str:
+        """For a non-finite `what` at optimizer step `step` (0-based), read at step self.step."""
         latest = self.checkpoint_dir / "latest"
         kept = (f"the last good checkpoint, {self.checkpoint_dir / latest.read_text().strip()}, is untouched"
                 if latest.is_file() else "no checkpoint had been written")
-        return (f"Step {self.step + 1}: the {what} is {value}. Training stopped before this update; {kept}. "
+        return (f"Step {step + 1}: the {what} is {value}. Training stopped before this update (seen at step "
+                f"{self.step}, the next that reads the scalars; the updates in between were skipped); {kept}. "
                 "Try a lower lr, a longer warm-up, gradient clipping, or mixed_precision='no'.")
 
     # ------------------------------------------------------------------------------ logs, samples
