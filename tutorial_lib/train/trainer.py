@@ -113,6 +113,9 @@ POSTHOC_FILE = "posthoc_ema.safetensors"  # in checkpoints of runs with posthoc_
 FORMAT = 2  # version of the checkpoint layout; 2 added the tensor files' sizes and SHA-256
 READS = (1, 2)  # the formats load_checkpoint reads (1: nothing to verify the tensor files by)
 STEP_DIR = re.compile(r"step_\d{8}")
+# Devices whose AdamW is the fused one: a kernel per step, which can skip a step on the device (found_inf).
+# Elsewhere torch's default AdamW, bit for bit as before, and a host check (on the CPU, no sync at all).
+FUSED_ADAMW = ("cuda",)
 
 
 class NonFiniteError(FloatingPointError):
@@ -144,7 +147,9 @@ class TrainerConfig:
     # With several ranks: "ddp" (every rank holds the whole model) or "fsdp" (shards; distributed.py).
     parallelism: str = "ddp"
     activation_checkpointing: bool = False  # recompute each block in backward (models with `gradient_checkpointing`)
-    num_workers: int = 0  # DataLoader worker processes per rank; 0: batches are read in the training process
+    # DataLoader worker processes per rank; 0: batches are read in the training process. None: `auto_num_workers`
+    # (on a GPU, up to 4 per rank from the CPUs this process may use; 0 on the CPU, where workers take its cores).
+    num_workers: int | None = None
     prefetch_factor: int | None = None  # micro-batches each worker reads ahead (workers only); None: 2
     pin_memory: bool | None = None  # page-locked batches, copied to the GPU asynchronously; None: on CUDA (CPU data)
     compile: bool = False  # torch.compile the model that trains (the EMA copy stays eager)
@@ -189,10 +194,11 @@ class TrainerConfig:
             (self.parallelism != "fsdp" or sigma_rels is None,
              "posthoc_ema_sigma_rels is not supported with parallelism='fsdp' (its snapshots are whole "
              "models); use parallelism='ddp'"),
-            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers >= 1),
+            (self.num_workers is None or self.num_workers >= 0,
+             f"num_workers must be >= 0 or None (auto), got {self.num_workers}"),
+            (self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers != 0),
              f"prefetch_factor (micro-batches each worker reads ahead) must be >= 1 and needs num_workers "
-             f">= 1, got prefetch_factor={self.prefetch_factor} with num_workers={self.num_workers}"),
+             f">= 1 (or None), got prefetch_factor={self.prefetch_factor} with num_workers={self.num_workers}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (sigma_rels is None or (len(sigma_rels) >= 1 and len(set(sigma_rels)) == len(sigma_rels)
                                     and all(0 < s < MAX_SIGMA_REL for s in sigma_rels)),
@@ -254,6 +260,7 @@ class Trainer:
         if self.pin_memory and not cuda:
             raise ValueError(f"pin_memory=True speeds up copies to a CUDA GPU; this trainer runs on {self.device}. "
                              "Use pin_memory=None or False.")
+        self.num_workers = auto_num_workers(self.device, on_cpu) if cfg.num_workers is None else cfg.num_workers
         if not on_cpu and (cfg.num_workers or self.pin_memory):
             raise ValueError("The data's tensors are on a GPU already: they are indexed in the training process, so "
                              "use num_workers=0 and pin_memory=None or False (workers and pinned memory serve data "
@@ -299,9 +306,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in self.params if p.ndim >= 2]},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
-        # Fused: one kernel a step, and it can skip a step on the device (`found_inf`, as GradScaler's).
+        self.fused = self.device.type in FUSED_ADAMW
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay, fused=True)
+                                           weight_decay=cfg.weight_decay, fused=self.fused or None)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
 
         self.step = 0  # optimizer steps done
@@ -380,8 +387,8 @@ class Trainer:
         cfg = self.cfg
         sampler = MicroBatches(self.batches.state_dict(), cfg.grad_accum_steps, self.dist.rank, self.dist.world_size)
         # Its own generator: the loader draws its workers' seeds from it, not from torch's global RNG.
-        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=whole_batch, num_workers=cfg.num_workers,
-                          prefetch_factor=cfg.prefetch_factor, pin_memory=self.pin_memory,
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=whole_batch, num_workers=self.num_workers,
+                          prefetch_factor=cfg.prefetch_factor if self.num_workers else None, pin_memory=self.pin_memory,
                           generator=torch.Generator().manual_seed(cfg.seed))
 
     def _train_step(self, micro_batches):
@@ -390,12 +397,13 @@ class Trainer:
         `_unread` for `_read_scalars`: no step syncs with the host.
 
         A non-finite loss or gradient norm cannot stop the loop without a sync, so it stops the
-        updates instead: `_skip` becomes 1 on the device, and from then on the fused AdamW skips every
-        step (`found_inf`, the flag GradScaler's skips use) and gradient clipping's NaN never reaches a
-        weight. `_read_scalars`, at the next logging, sampling or checkpoint step, raises NonFiniteError
-        naming the first bad step, before anything is written. Under fp16 the GradScaler skips steps
-        with a non-finite gradient itself (and lowers its scale); a non-finite loss poisons the
-        gradients so that it skips those too."""
+        updates instead: `_skip` becomes 1 on the device, and from then on the fused AdamW (on CUDA)
+        skips every step (`found_inf`, the flag GradScaler's skips use), so that gradient clipping's
+        NaN never reaches a weight. `_read_scalars`, at the next logging, sampling or checkpoint step,
+        raises NonFiniteError naming the first bad step, before anything is written. Off CUDA, AdamW
+        is torch's default one, which has no found_inf: there the skip is decided on the host, which on
+        the CPU costs nothing. Under fp16 the GradScaler skips the steps whose gradient is not finite
+        (and lowers its scale); a non-finite loss poisons the gradients so that it skips those too."""
         cfg, accum = self.cfg, self.cfg.grad_accum_steps
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -428,9 +436,12 @@ class Trainer:
         else:
             finite = means[0].isfinite() & norm.isfinite()
             self._skip = torch.maximum(self._skip, (~finite).float())
-            self.optimizer.found_inf = self._skip  # read by the fused step: 1 skips it
-            self.optimizer.step()
-            del self.optimizer.found_inf
+            if self.fused:
+                self.optimizer.found_inf = self._skip  # read by the fused step: 1 skips it
+                self.optimizer.step()
+                del self.optimizer.found_inf
+            elif not self._skip.item():  # no found_inf here: a host check (on the CPU, no sync)
+                self.optimizer.step()
             values = [means, norm[None].float()]
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model, self.step)  # after a skipped step, an average of unchanged weights
@@ -837,6 +848,18 @@ def _file_record(path: Path) -> dict:
 
 def _warn(message: str):
     print(message, file=sys.stderr, flush=True)
+
+
+def auto_num_workers(device: torch.device, data_on_cpu: bool = True) -> int:
+    """TrainerConfig(num_workers=None)'s DataLoader workers per rank: on a GPU, min(4, c - 1) for the
+    c CPUs each of this node's ranks may use (the affinity mask's CPUs over LOCAL_WORLD_SIZE, torchrun's;
+    one left for the training process itself), so that decoding and collating overlap the GPU's work;
+    0 on the CPU, where workers would take the cores the model trains on, and for data already on a GPU."""
+    if device.type == "cpu" or not data_on_cpu:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(4, max(0, per_rank - 1))
 
 
 def _due(step: int, every: int | None, last: bool) -> bool:
