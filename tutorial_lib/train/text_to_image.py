@@ -51,7 +51,7 @@ from ..models.moe import router_aux_loss, routing_stats
 from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from ..models.unet import UNet, UNetConfig
 from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
-from ..text.base import NULL_PROMPT, check_mask
+from ..text.base import NULL_PROMPT, check_mask, padding_mask
 from ..weights import atomic_write, read_component_config, read_component_weights
 from .lora import LoRAConfig, add_lora
 from .trainer import Trainer, TrainerConfig
@@ -201,6 +201,10 @@ class CaptionConditioned(nn.Module):
 
     forward(x_t [B, C, H, W], t [B], text) -> F [B, C, H, W]. The null condition is always the encoding
     of "" (`null_row` of the table, `null_text()` otherwise).
+
+    A table none of whose rows is padded (a one-hot table, captions of one length) gives its rows with
+    mask None, so that the denoiser's attention runs with no mask; which it is, is read once, here on
+    the host, rather than per batch from rows that live on the GPU (a sync each step).
     """
 
     def __init__(self, transformer: nn.Module, encoder: TextEncoder, captions: list[str] | None = None):
@@ -216,6 +220,7 @@ class CaptionConditioned(nn.Module):
             table = caption_embeddings(encoder, self.captions or [NULL_PROMPT])
             self.register_buffer("tokens", table.tokens, persistent=False)  # [rows, L, D]
             self.register_buffer("mask", check_mask(table.mask), persistent=False)  # [rows, L]
+            self.padded = padding_mask(table.mask.cpu()) is not None
 
     @property
     def config(self):
@@ -226,7 +231,7 @@ class CaptionConditioned(nn.Module):
         if self.text_encoder is not None:
             return self.text_encoder.null(batch_size)
         rows = torch.full((batch_size,), self.null_row or 0, device=self.tokens.device)
-        return TextEmbedding(self.tokens[rows], self.mask[rows])
+        return self._rows(rows)
 
     def text(self, cond) -> TextEmbedding:
         if isinstance(cond, TextEmbedding):
@@ -237,8 +242,12 @@ class CaptionConditioned(nn.Module):
                                  "are read from their cache (text.embedding_cache) and given as a TextEmbedding.")
             return self.text_encoder.encode(list(cond))
         if self.text_encoder is None:
-            return TextEmbedding(self.tokens[cond], self.mask[cond])
+            return self._rows(cond)
         return self.text_encoder.encode([self.captions[i] for i in cond.tolist()])
+
+    def _rows(self, rows: torch.Tensor) -> TextEmbedding:
+        """Rows [B] of the frozen encoder's table: tokens [B, L, D], mask [B, L] (None: no row is padded)."""
+        return TextEmbedding(self.tokens[rows], self.mask[rows] if self.padded else None)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text, **kwargs) -> torch.Tensor:
         return self.transformer(x_t, t, self.text(text), **kwargs)
