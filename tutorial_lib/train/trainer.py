@@ -9,9 +9,11 @@
         with autocast (not under FSDP): loss = loss_fn(model, micro-batch, generator)
         (loss / grad_accum_steps).backward()   # DDP all-reduces gradients on the last micro-batch,
                                                # FSDP reduce-scatters them on each
-    loss and metrics, averaged over micro-batches and ranks: not finite -> stop (NonFiniteError)
-    clip the gradient norm (unscaled first under fp16): not finite -> stop
-    lr <- schedule(step); optimizer step; EMA update
+    loss and metrics, averaged over micro-batches and ranks, kept on the device
+    clip the gradient norm (unscaled first under fp16)
+    lr <- schedule(step); optimizer step, skipped on the device once a loss or norm was not finite; EMA update
+    at logging, sampling, snapshot and checkpoint steps: the scalars since the last such step read on
+    the host (the only sync with a GPU); one not finite -> stop (NonFiniteError) before writing anything
     every log_every steps:        mean scalars -> progress bar, TensorBoard, history.jsonl
     every sample_every steps:     sample_fn(EMA model, step) -> samples/step_XXXXXXXX.png (+ TensorBoard)
     every posthoc_snapshot_every steps: the post-hoc EMAs -> posthoc_ema/step_XXXXXXXX_sigma_rel_S.safetensors
@@ -228,8 +230,10 @@ class Trainer:
         recorded in checkpoints, so loading a checkpoint of another config fails clearly.
     loss_fn(model, batch, generator) -> loss, or (loss, {name: scalar}): a scalar over one
         micro-batch, mean-reduced. `model` is the module to call (wrapped by DDP or torch.compile:
-        use `trainer.model` for its attributes). `generator` is a seeded CPU torch.Generator, one
-        per rank, for every random draw (noise, timesteps, caption dropout). Metrics must have the
+        use `trainer.model` for its attributes). `generator` is a seeded torch.Generator on the
+        trainer's device, one per rank, for every random draw (noise, timesteps, caption dropout):
+        draw with device=generator.device. Returning tensors (not Python numbers) keeps the step free
+        of syncs with the host. Metrics must have the
         same names at every call. Under FSDP with bf16 the blocks run in bfloat16 (distributed.shard):
         take the loss in float32, `model(...).float()`.
     data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, an
