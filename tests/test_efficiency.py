@@ -26,7 +26,7 @@ from tutorial_lib.train.ema import EMA
 from tutorial_lib.train.records import record_loss_fn
 from tutorial_lib.train.text_to_image import (Objective, TextToImageConfig, build, class_caption_rows,
                                               make_loss_fn)
-from tutorial_lib.train.trainer import NonFiniteError, Trainer, TrainerConfig, auto_num_workers
+from tutorial_lib.train.trainer import NonFiniteError, Trainer, TrainerConfig
 
 TEXT_DIM = 16
 
@@ -241,7 +241,8 @@ def test_a_seed_draws_what_it_drew_before_on_the_cpu():
 
 # ----------------------------------------------------------------------------- workers
 def test_workers_are_on_by_default_on_a_gpu(monkeypatch, tmp_path):
-    assert TrainerConfig().num_workers is None and build_parser().parse_args(["train"]).num_workers is None
+    auto = TrainerConfig()
+    assert auto.num_workers is None and build_parser().parse_args(["train"]).num_workers is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     cuda = torch.device("cuda", 0)
     for ranks, workers in ((None, 4), ("1", 4), ("8", 1), ("16", 0)):
@@ -249,7 +250,7 @@ def test_workers_are_on_by_default_on_a_gpu(monkeypatch, tmp_path):
             monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         else:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
-        assert auto_num_workers(cuda) == workers
-    assert auto_num_workers(cuda, data_on_cpu=False) == 0  # data already on the GPU: indexed in place
-    assert auto_num_workers(torch.device("cpu")) == 0
+        assert auto.workers(cuda) == workers
+    assert auto.workers(cuda, data_on_cpu=False) == 0  # data already on the GPU: indexed in place
+    assert auto.workers(torch.device("cpu")) == 0 and TrainerConfig(num_workers=3).workers(torch.device("cpu")) == 3
     assert Trainer(mlp(), mse_loss, regression_data(), config(tmp_path)).num_workers == 0  # on the CPU

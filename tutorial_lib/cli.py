@@ -680,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each DiT block's activations in backward: less memory, about a third more compute")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader worker processes per rank; 0: read in the training process (default: on a GPU, "
-                        "up to 4 per rank from the CPUs it may use; 0 on the CPU: train.trainer.auto_num_workers)")
+                        "up to 4 per rank from the CPUs it may use; 0 on the CPU: TrainerConfig.workers)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between checkpoints in OUT/run (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/run's latest checkpoint")

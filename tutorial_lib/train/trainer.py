@@ -115,6 +115,8 @@ POSTHOC_FILE = "posthoc_ema.safetensors"  # in checkpoints of runs with posthoc_
 FORMAT = 2  # version of the checkpoint layout; 2 added the tensor files' sizes and SHA-256
 READS = (1, 2)  # the formats load_checkpoint reads (1: nothing to verify the tensor files by)
 STEP_DIR = re.compile(r"step_\d{8}")
+
+
 # Devices whose AdamW is the fused one: a kernel per step, which can skip a step on the device (found_inf).
 # Elsewhere torch's default AdamW, bit for bit as before, and a host check (on the CPU, no sync at all).
 FUSED_ADAMW = ("cuda",)
@@ -149,7 +151,7 @@ class TrainerConfig:
     # With several ranks: "ddp" (every rank holds the whole model) or "fsdp" (shards; distributed.py).
     parallelism: str = "ddp"
     activation_checkpointing: bool = False  # recompute each block in backward (models with `gradient_checkpointing`)
-    # DataLoader worker processes per rank; 0: batches are read in the training process. None: `auto_num_workers`
+    # DataLoader worker processes per rank; 0: batches are read in the training process. None: `workers()`
     # (on a GPU, up to 4 per rank from the CPUs this process may use; 0 on the CPU, where workers take its cores).
     num_workers: int | None = None
     prefetch_factor: int | None = None  # micro-batches each worker reads ahead (workers only); None: 2
@@ -222,6 +224,19 @@ class TrainerConfig:
             return self.lr * warmup_cosine(step, self.steps, self.warmup_steps, self.min_lr_ratio)
         return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
 
+    def workers(self, device: torch.device, data_on_cpu: bool = True) -> int:
+        """DataLoader workers per rank: num_workers, or for None, on a GPU, min(4, c - 1) for the c CPUs each
+        of this node's ranks may use (the affinity mask's CPUs over LOCAL_WORLD_SIZE, torchrun's; one left
+        for the training process itself), so that decoding and collating overlap the GPU's work; 0 on the
+        CPU, where workers would take the cores the model trains on, and for data already on a GPU."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if device.type == "cpu" or not data_on_cpu:
+            return 0
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return min(4, max(0, per_rank - 1))
+
 
 class Trainer:
     """Trains `model` on `loss_fn` over `data` (see the module docstring for one step).
@@ -264,7 +279,7 @@ class Trainer:
         if self.pin_memory and not cuda:
             raise ValueError(f"pin_memory=True speeds up copies to a CUDA GPU; this trainer runs on {self.device}. "
                              "Use pin_memory=None or False.")
-        self.num_workers = auto_num_workers(self.device, on_cpu) if cfg.num_workers is None else cfg.num_workers
+        self.num_workers = cfg.workers(self.device, on_cpu)
         if not on_cpu and (cfg.num_workers or self.pin_memory):
             raise ValueError("The data's tensors are on a GPU already: they are indexed in the training process, so "
                              "use num_workers=0 and pin_memory=None or False (workers and pinned memory serve data "
@@ -852,18 +867,6 @@ def _file_record(path: Path) -> dict:
 
 def _warn(message: str):
     print(message, file=sys.stderr, flush=True)
-
-
-def auto_num_workers(device: torch.device, data_on_cpu: bool = True) -> int:
-    """TrainerConfig(num_workers=None)'s DataLoader workers per rank: on a GPU, min(4, c - 1) for the
-    c CPUs each of this node's ranks may use (the affinity mask's CPUs over LOCAL_WORLD_SIZE, torchrun's;
-    one left for the training process itself), so that decoding and collating overlap the GPU's work;
-    0 on the CPU, where workers would take the cores the model trains on, and for data already on a GPU."""
-    if device.type == "cpu" or not data_on_cpu:
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return min(4, max(0, per_rank - 1))
 
 
 def _due(step: int, every: int | None, last: bool) -> bool:
