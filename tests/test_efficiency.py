@@ -82,6 +82,18 @@ def test_sdpa_gets_no_mask_without_padding_and_a_text_mask_with_it(name, sdpa_ma
             assert torch.equal(m[:, 0, 0, :5], padded)
 
 
+def test_the_unet_gets_no_mask_without_padding(sdpa_masks):
+    """diffusers' attention, through the same SDPA: encoder_attention_mask None stays None."""
+    from tests.test_unet import inputs, randomize, text, tiny
+    from tutorial_lib.models.unet import UNet
+
+    model, (x, t), emb = randomize(UNet(tiny())), inputs(), text()
+    with torch.no_grad():
+        unmasked = model(x, t, TextEmbedding(emb.tokens, None))
+        assert len(sdpa_masks) > 0 and all(m is None for m in sdpa_masks)
+        torch.testing.assert_close(unmasked, model(x, t, TextEmbedding(emb.tokens, torch.ones_like(emb.mask))))
+
+
 def test_padding_mask_is_decided_on_the_host():
     full = torch.ones(3, 4, dtype=torch.bool)
     assert padding_mask(full) is None
