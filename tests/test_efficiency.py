@@ -203,6 +203,11 @@ def test_a_nonfinite_step_is_skipped_and_reported_at_the_next_read(fused, tmp_pa
     saved = load_file(tmp_path / "checkpoints" / "step_00000002" / "model.safetensors")
     assert_same_state(saved, trainer.model.state_dict())
     assert all(torch.isfinite(p).all() for p in trainer.ema.model.parameters())
+    # Caught, resumed and continued (past the bad step, which draws again): the updates run again.
+    trainer.load_checkpoint()
+    trainer.loss_fn = mse_loss
+    trainer.fit()
+    assert trainer.step == 8 and not torch.equal(saved["0.weight"], trainer.model.state_dict()["0.weight"])
 
 
 # ----------------------------------------------------------------------------- draws on the device

@@ -482,7 +482,7 @@ class Trainer:
             del rows[:len(names)]
             for what, name in (("loss", "loss"), ("gradient norm", "grad_norm")):
                 if not math.isfinite(scalars[name]) and not (self.scaler and name == "grad_norm"):
-                    self._unread = []
+                    self._unread, self._skip = [], torch.zeros_like(self._skip)  # a caller may resume and go on
                     raise NonFiniteError(self._stop_message(step, what, scalars[name]))
             if not math.isfinite(scalars["grad_norm"]):
                 del scalars["grad_norm"]
