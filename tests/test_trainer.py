@@ -473,7 +473,7 @@ def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         TrainerConfig(num_workers=-1)
     with pytest.raises(ValueError, match="prefetch_factor.*needs num_workers >= 1"):
-        TrainerConfig(prefetch_factor=4)
+        TrainerConfig(prefetch_factor=4, num_workers=0)
     with pytest.raises(ValueError, match="pin_memory=True speeds up copies to a CUDA GPU"):
         Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, pin_memory=True, device="cpu"))
     on_a_device = tuple(t.to("meta") for t in regression_data())  # as data moved to the GPU beforehand

@@ -696,8 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "writes a checkpoint (default: $TUTORIAL_LIB_DIST_TIMEOUT_MINUTES, else 30)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in backward: less memory, about a third more compute")
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="DataLoader worker processes per rank (default: %(default)s: read in the training process)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes per rank; 0: read in the training process (default: on a GPU, "
+                        "up to 4 per rank from the CPUs it may use; 0 on the CPU: TrainerConfig.workers)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between checkpoints in OUT/run (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/run's latest checkpoint")

@@ -48,6 +48,7 @@ from .models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from .models.unet import UNet, UNetConfig
 from .text import (MiniLMEncoder, OneHotConfig, OneHotEncoder, TextEmbedding, TextEncoder,
                    WordEncoder, WordEncoderConfig, check_prompts, load_clip_encoder)
+from .text.base import full_mask
 from .vae.autoencoder import AutoencoderKL, load_vae
 from .vae.diffusers_interop import from_diffusers, to_diffusers
 from .weights import (COMPONENT_WEIGHTS as WEIGHTS, WeightsError, atomic_write, read_component_config,
@@ -67,13 +68,16 @@ PRETRAINED = ("MiniLMEncoder", "CLIPEncoder")  # saved as a name and a weights h
 
 
 def _concat(a: TextEmbedding, b: TextEmbedding) -> TextEmbedding:
-    """Two conditions as one batch; the shorter token axis is padded (mask False)."""
+    """Two conditions as one batch; the shorter token axis is padded (mask False). No padding in
+    either, of the same length: no mask (None), as theirs."""
+    if a.mask is None and b.mask is None and a.tokens.shape[1] == b.tokens.shape[1]:
+        return TextEmbedding(torch.cat([a.tokens, b.tokens]), None)
     length = max(a.tokens.shape[1], b.tokens.shape[1])
 
     def pad(e: TextEmbedding) -> TextEmbedding:
         extra = length - e.tokens.shape[1]
         return TextEmbedding(torch.nn.functional.pad(e.tokens, (0, 0, 0, extra)),
-                             torch.nn.functional.pad(e.mask, (0, extra)))
+                             torch.nn.functional.pad(full_mask(e), (0, extra)))
 
     a, b = pad(a), pad(b)
     return TextEmbedding(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]))

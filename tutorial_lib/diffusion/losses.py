@@ -25,14 +25,17 @@ def sample_timesteps(n: int, distribution: str = "uniform", generator: torch.Gen
         logit_normal   t = sigmoid(m + s n), n ~ N(0, 1) (Esser et al., 2024): most draws mid-way,
                        which Esser et al. find the hardest part, few at the near-trivial ends
     then, if shift != 1, biased towards noise (shift > 1) or data (shift < 1) by `shift_timesteps`.
+    Drawn on the generator's device (the CPU without one), so a trainer whose generator lives on its
+    GPU draws t there, with no copy and no sync.
     """
+    device = None if generator is None else generator.device
     if distribution == "uniform":
-        t = torch.rand(n, generator=generator)
+        t = torch.rand(n, generator=generator, device=device)
     elif distribution == "beta":
         t = sample_beta(n, *beta, generator=generator)
     elif distribution == "logit_normal":
         mean, std = logit_normal
-        t = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+        t = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
     else:
         raise ValueError(f"Unknown timestep distribution {distribution!r}; choose from "
                          f"{', '.join(TIMESTEP_DISTRIBUTIONS)}.")

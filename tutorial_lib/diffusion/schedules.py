@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -46,12 +46,15 @@ def sample_beta(n: int, a: float, b: float, generator: torch.Generator | None = 
     """n noise levels t ~ Beta(a, b); Beta(1, 2.5) puts most training on low noise levels.
 
     torch's Beta sampler draws from the global RNG, so it runs on a fork of it seeded from
-    `generator`: the same generator state gives the same t, and global state is untouched.
+    `generator`: the same generator state gives the same t, and global state is untouched. The draw
+    is on the CPU and moved to the generator's device: from a GPU generator, reading the seed is a
+    sync with the host (the one draw in training that makes one).
     """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    device = None if generator is None else generator.device
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return torch.distributions.Beta(float(a), float(b)).sample((n,))
+        return torch.distributions.Beta(float(a), float(b)).sample((n,)).to(device)
 
 
 def time_grid(steps: int, t_max: float = 1.0, t_min: float = 0.0,
@@ -114,13 +117,26 @@ class Schedule:
         return ts.to(dtype)
 
 
-def _interpolated_alpha_sigma(alpha_bar: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha, sigma at t from alpha_bar [N + 1] given at t = k / N, linear in t in between."""
-    if (t < 0).any() or (t > 1).any():
-        raise ValueError("Noise levels t must lie in [0, 1].")
+def _interpolated_alpha_sigma(alpha_bar: torch.Tensor, tables: dict,
+                              t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha, sigma at t from alpha_bar [N + 1] given at t = k / N, linear in t in between.
+
+    In float64 (the table's) on t's device, or on the CPU for a device without float64 (MPS), so that a
+    training step on a GPU reads nothing back and copies nothing there: `tables` keeps the table's copy
+    on each device. t outside [0, 1] is an error: a device-side assertion, which on a GPU (where reading
+    t would be a sync) fails at the next sync, and on the CPU at once, as a ValueError."""
+    device = torch.device("cpu") if t.device.type == "mps" else t.device
+    t64 = t.detach().to(device, torch.float64)
+    try:
+        torch._assert_async(((t64 >= 0) & (t64 <= 1)).all(), "Noise levels t must lie in [0, 1].")
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
     n = len(alpha_bar) - 1
-    pos = t.detach().cpu().double() * n  # on the CPU: float64 (and the table) everywhere
+    pos = t64 * n
     k = pos.floor().clamp(max=n - 1).long()
+    if device not in tables:
+        tables[device] = alpha_bar.to(device)
+    alpha_bar = tables[device]
     ab = torch.lerp(alpha_bar[k], alpha_bar[k + 1], pos - k)
     dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
     return ab.sqrt().to(t.device, dtype), (1 - ab).sqrt().to(t.device, dtype)
@@ -150,7 +166,7 @@ def beta_schedule(name: str, betas: torch.Tensor, zero_terminal_snr: bool = Fals
     alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas.double(), 0)])
     if zero_terminal_snr:
         alpha_bar = rescale_zero_terminal_snr(alpha_bar)
-    return Schedule(name, partial(_interpolated_alpha_sigma, alpha_bar), True, len(betas))
+    return Schedule(name, partial(_interpolated_alpha_sigma, alpha_bar, {}), True, len(betas))
 
 
 def flow_alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,9 +178,11 @@ FLOW = Schedule("flow", flow_alpha_sigma, variance_preserving=False)
 BETAS = {"linear": linear_betas, "scaled_linear": scaled_linear_betas}
 
 
+@lru_cache(maxsize=None)
 def get_schedule(name: str, zero_terminal_snr: bool = False, num_steps: int = 1000) -> Schedule:
     """A schedule by name: 'cosine', 'flow', or a beta schedule, 'linear' or 'scaled_linear', of
-    `num_steps` trained levels, optionally rescaled to zero terminal SNR."""
+    `num_steps` trained levels, optionally rescaled to zero terminal SNR. The same object for the same
+    arguments, so that a beta schedule's table is copied to a GPU once, not at every training step."""
     if name in BETAS:
         return beta_schedule(name, BETAS[name](num_steps), zero_terminal_snr)
     if name not in ("cosine", "flow"):

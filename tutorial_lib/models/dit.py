@@ -81,7 +81,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..text.base import TextEmbedding, masked_mean
 from .integrator import GATE_RATIO, IntegratorNeurons
-from .layers import MLP, Attention, modulate, rope_2d, sincos_2d, timestep_embedding
+from .layers import MLP, Attention, check_text_mask, modulate, rope_2d, sincos_2d, timestep_embedding
 from .masking import num_kept, restore_tokens, take_tokens
 from .moe import ROUTINGS, ExpertChoiceMoE, TokenChoiceMoE
 
@@ -289,7 +289,8 @@ class DiTBlock(nn.Module):
     @checkpointed
     def forward(self, x, c, text: TextEmbedding, rope=None, return_gates: bool = False):
         """x [B, N, D], c [B, D] (adaLN-single: t_block's [B, 6D]), text tokens [B, L, D_text] with mask
-        [B, L] -> [B, N, D]; with return_gates, also the Integrator's gates [B, T, N]."""
+        [B, L] (None: no padding, and the cross-attention runs with no mask) -> [B, N, D]; with
+        return_gates, also the Integrator's gates [B, T, N]."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(self, c, 6)  # 6 x [B, D]
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
         if self.cross_attn is not None:
@@ -438,9 +439,7 @@ class DiT(nn.Module):
         tokens, mask = text
         if tokens.ndim != 3 or tokens.shape[2] != cfg.text_dim:
             raise ValueError(f"Expected text tokens [B, L, {cfg.text_dim}], got {tuple(tokens.shape)}.")
-        if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
-            raise ValueError(f"Expected a bool text mask {tuple(tokens.shape[:2])}, got "
-                             f"{mask.dtype} {tuple(mask.shape)}.")
+        check_text_mask(tokens, mask)
         if t.shape != (x.shape[0],) or tokens.shape[0] != x.shape[0]:
             raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, "
                              f"text {tokens.shape[0]}.")

@@ -111,7 +111,9 @@ class Attention(nn.Module):
     """Multi-head attention through `F.scaled_dot_product_attention`.
 
     Self-attention when `context` is None; cross-attention to `context` [B, S, context_dim]
-    otherwise, with `mask` [B, S] (True = attend) hiding padding tokens.
+    otherwise, with `mask` [B, S] (True = attend) hiding padding tokens. mask None (no padding, the
+    caller's decision: `text.base.padding_mask`) gives SDPA attn_mask=None, so that it may take flash
+    attention, which takes no mask; an all-True mask would compute the same, slower.
 
     Options (keyword-only; the defaults give plain multi-head attention):
     - kv_heads < heads: grouped-query attention (GQA, Ainslie et al., 2023). Keys and values have
@@ -158,15 +160,22 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, out_dim or dim))
 
 
-def check_denoiser_inputs(x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+def check_denoiser_inputs(x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
                           channels: int, text_dim: int):
     """Clear errors for a denoiser's inputs x [B, channels, H, W], t [B], caption tokens [B, L, text_dim]
-    and a bool mask [B, L]. Shapes and dtypes only: no look at the values, so no sync with the host."""
+    and a bool mask [B, L] (or None: no padding). Shapes and dtypes only: no look at the values, so no
+    sync with the host."""
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(f"Expected latents [B, {channels}, H, W], got {tuple(x.shape)}.")
     if tokens.ndim != 3 or tokens.shape[2] != text_dim:
         raise ValueError(f"Expected text tokens [B, L, {text_dim}], got {tuple(tokens.shape)}.")
-    if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
-        raise ValueError(f"Expected a bool text mask {tuple(tokens.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}.")
+    check_text_mask(tokens, mask)
     if t.shape != (x.shape[0],) or tokens.shape[0] != x.shape[0]:
         raise ValueError(f"Batch sizes differ: x {x.shape[0]}, t {tuple(t.shape)}, text {tokens.shape[0]}.")
+
+
+def check_text_mask(tokens: torch.Tensor, mask: torch.Tensor | None):
+    """A clear error unless `mask` is a bool [B, L] for tokens [B, L, D], or None (no padding)."""
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != tokens.shape[:2]):
+        raise ValueError(f"Expected a bool text mask {tuple(tokens.shape[:2])} or None (no padding), got "
+                         f"{mask.dtype} {tuple(mask.shape)}.")

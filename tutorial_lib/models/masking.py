@@ -40,9 +40,11 @@ def check_mask_ratio(mask_ratio: float):
 def random_keep(batch_size: int, num_tokens: int, mask_ratio: float,
                 generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Indices of the K kept tokens of each item, drawn uniformly without replacement and sorted:
-    [B, K] (long). Drawn on the CPU from `generator`, so a run resumes to the same masks."""
+    [B, K] (long). Drawn from `generator` on its device (a trainer's lives on its GPU: no copy), so a
+    run resumes to the same masks; then moved to `device` if it differs."""
     k = num_kept(num_tokens, mask_ratio)
-    scores = torch.rand(batch_size, num_tokens, generator=generator)  # [B, N]
+    scores = torch.rand(batch_size, num_tokens, generator=generator,
+                        device=None if generator is None else generator.device)  # [B, N]
     return scores.argsort(dim=1)[:, :k].sort(dim=1).values.to(device)  # [B, K]
 
 

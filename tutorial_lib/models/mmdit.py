@@ -33,7 +33,9 @@ Choices, each as Flux's unless said:
   by the row, half by the column); the text tokens sit at position (0, 0), which rotates nothing, as
   Flux's txt_ids = 0. No position is added to the tokens.
 - Caption mask: padding tokens are hidden from every query as keys, in every block, and left out of
-  the pooled vector; so what sits behind the mask never reaches the image tokens.
+  the pooled vector; so what sits behind the mask never reaches the image tokens. Image tokens are
+  never masked, and a batch without padding (mask None) runs with no attention mask at all
+  (`joint_mask`), so that SDPA may take flash attention.
 - Pooled caption vector (ours): `TextEmbedding` has no pooled vector (Flux takes CLIP's beside its T5
   tokens), so y is the masked mean of the caption tokens, as in the course's DiT: the same for
   every encoder, and the null caption "" pools to a real vector.
@@ -126,9 +128,11 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
 
 def joint_attention(q, k, v, rope, mask) -> torch.Tensor:
     """Attention over all tokens of q, k, v [B, H, S, d]: RoPE (cos, sin [S, d]) on q and k, then
-    softmax(q k^T / sqrt(d)) v with keys where mask [B, S] is False hidden. -> [B, S, H d]."""
+    softmax(q k^T / sqrt(d)) v with keys where mask [B, S] is False hidden (`joint_mask`; None: no
+    key hidden, and SDPA may take flash attention). -> [B, S, H d]."""
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # [B, H, S, d]
+    attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, S]
+    h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, S, d]
     return h.transpose(1, 2).flatten(2)  # [B, S, H d]
 
 
@@ -285,7 +289,7 @@ class MMDiT(nn.Module):
         c = t_emb + self.y_embedder(masked_mean(text).to(dtype))  # [B, D_text] -> [B, D]
         text_len = txt.shape[1]
         rope = self.rope(text_len, h, w, x.device)  # 2 x [L + N, head_dim]
-        mask = torch.cat([text.mask, text.mask.new_ones(b, h * w)], dim=1)  # [B, L + N]: image tokens are real
+        mask = joint_mask(text.mask, h * w)  # [B, L + N] or None
 
         for block in self.double_blocks:
             txt, img = block(txt, img, c, rope, mask)  # [B, L, D], [B, N, D]
@@ -295,6 +299,15 @@ class MMDiT(nn.Module):
         out = self.final_layer(tokens[:, text_len:], c)  # [B, N, C*p*p], each patch (C, p, p) as Flux packs it
         out = out.reshape(b, h, w, c_in, p, p)  # [B, h, w, C, p, p]
         return torch.einsum("bhwcpq->bchpwq", out).reshape(b, c_in, height, width)  # [B, C, H, W]
+
+
+def joint_mask(text_mask: torch.Tensor | None, num_image_tokens: int) -> torch.Tensor | None:
+    """The keys the joint attention may see, [B, L + N]: the caption's mask [B, L], then the N image
+    tokens, which are never padding. None when the captions have no padding (text_mask None, decided
+    where the mask was made: `text.base.padding_mask`), so that no all-True mask reaches SDPA."""
+    if text_mask is None:
+        return None
+    return torch.cat([text_mask, text_mask.new_ones(len(text_mask), num_image_tokens)], dim=1)
 
 
 # ----------------------------------------------------------------------------- cost

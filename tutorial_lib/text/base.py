@@ -1,7 +1,11 @@
 """The one interface every text encoder in the course shares.
 
 An encoder turns prompt(s) into a `TextEmbedding`: token embeddings [B, L, D] and a boolean mask
-[B, L] (True = a real token, False = padding the denoiser must not attend to).
+[B, L] (True = a real token, False = padding the denoiser must not attend to). A mask of None says
+that no token is padding: the denoisers then give attention no mask at all, so that
+`scaled_dot_product_attention` may take its fastest kernel (flash attention takes no mask). Whether a
+batch has padding is decided where its mask is made, on the host (`padding_mask`), never by
+looking at a mask on the GPU, which would wait for it (a sync with the host).
 
 The null condition. Classifier-free guidance (Ho & Salimans, 2022) trains with the caption
 sometimes replaced by a "no caption" condition and samples by extrapolating away from it. For every
@@ -28,7 +32,7 @@ NULL_PROMPT = ""
 
 class TextEmbedding(NamedTuple):
     tokens: torch.Tensor  # [B, L, D]
-    mask: torch.Tensor  # [B, L] bool, True where a token is real
+    mask: torch.Tensor | None  # [B, L] bool, True where a token is real; None: every token is real
 
 
 def check_prompts(prompt) -> list[str]:
@@ -52,8 +56,26 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def padding_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """`mask` [B, L] if some token is padding, else None (see the module docstring). Free for a mask on
+    the CPU, where masks are made (tokenizers, caption tables, a DataLoader's collation); a mask already
+    on a GPU is returned as it is rather than read (which would be a sync)."""
+    if mask.device.type != "cpu":
+        return mask
+    return None if bool(mask.all()) else mask
+
+
+def full_mask(emb: TextEmbedding) -> torch.Tensor:
+    """The mask [B, L] of `emb`, all True where it is None (no padding)."""
+    if emb.mask is not None:
+        return emb.mask
+    return torch.ones(emb.tokens.shape[:2], dtype=torch.bool, device=emb.tokens.device)
+
+
 def masked_mean(emb: TextEmbedding) -> torch.Tensor:
     """Mean of the real tokens [B, D]: the pooling sentence-transformers uses for MiniLM."""
+    if emb.mask is None:
+        return emb.tokens.mean(1)
     weights = emb.mask.unsqueeze(-1).to(emb.tokens.dtype)  # [B, L, 1]
     return (emb.tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
 

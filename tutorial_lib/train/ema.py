@@ -58,15 +58,18 @@ _CHUNK = 1 << 16  # steps per block when summing profiles over a long run
 
 # ---------------------------------------------------------------------------------- averages
 class WeightAverage:
-    """A frozen copy of a model whose parameters move toward the live model's,
-    theta_avg <- theta_avg + w (theta - theta_avg) (`lerp`).
+    """A frozen copy of a model whose trainable parameters move toward the live model's,
+    theta_avg <- theta_avg + w (theta - theta_avg) (`lerp`): one `torch._foreach_lerp_` over all of
+    them, a few kernel launches a step rather than one per parameter (or, under FSDP, one per DTensor).
 
-    Buffers are not averaged: the copy holds the live model's own buffer tensors (a frozen caption
-    table, position tables, running statistics), shared rather than copied every step.
+    What does not train is not averaged: the copy holds the live model's own frozen parameters (the
+    base weights under LoRA, a frozen text encoder) and buffer tensors (a frozen caption table,
+    position tables, running statistics), shared rather than copied.
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)  # frozen ones: the same objects
         # (averaged submodule, live submodule, buffer name) for every buffer, in the same order.
         self._buffers = [(e, m, name) for e, m in zip(self.model.modules(), model.modules()) for name in m._buffers]
         self._share_buffers()
@@ -79,9 +82,13 @@ class WeightAverage:
 
     @torch.no_grad()
     def lerp(self, model: torch.nn.Module, weight: float):
-        """theta_avg <- theta_avg + weight (theta - theta_avg), in place, for every parameter."""
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), weight)
+        """theta_avg <- theta_avg + weight (theta - theta_avg), in place, for every trainable parameter.
+        Parameters are read afresh each time, so this holds after FSDP has replaced both models'
+        parameters with sharded ones: each rank then averages its own shards."""
+        pairs = [(e, p.detach()) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
+        if pairs:
+            averaged, live = map(list, zip(*pairs))
+            torch._foreach_lerp_(averaged, live, weight)
         self._share_buffers()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..text.base import NULL_PROMPT, TextEmbedding, TextEncoder
+from ..text.base import NULL_PROMPT, TextEmbedding, TextEncoder, full_mask, padding_mask
 from ..text.embedding_cache import CaptionEmbeddingCache
 from .text_to_image import (Objective, TextToImageConfig, build, diffusion_loss, fit_text_to_image,
                             measure_sigma_data_into)
@@ -44,7 +44,7 @@ class TextToImageRecords:
         if self.captions is None:
             return {**batch, "caption": rows["caption"]}
         text = self.captions.take(torch.as_tensor(indices))
-        return {**batch, "tokens": text.tokens, "mask": text.mask}
+        return {**batch, "tokens": text.tokens, "mask": padding_mask(text.mask)}  # None: no padding (on the CPU)
 
     def sigma_data_sample(self, n: int = 10_000) -> torch.Tensor:
         """The scaled posterior means of the first `n` records (to measure sigma_data for EDM)."""
@@ -55,26 +55,31 @@ def _drop_text(batch: dict, drop: torch.Tensor, null: TextEmbedding | None):
     """The batch's captions with the items where `drop` [B] is True replaced by the null condition."""
     if "caption" in batch:
         return [NULL_PROMPT if d else c for c, d in zip(batch["caption"], drop.tolist())]
-    tokens, mask = batch["tokens"], batch["mask"]
-    keep = ~drop.to(tokens.device)
-    null = TextEmbedding(null.tokens.to(tokens.device), null.mask.to(tokens.device))
-    return TextEmbedding(torch.where(keep[:, None, None], tokens, null.tokens),
-                         torch.where(keep[:, None], mask, null.mask))
+    text = TextEmbedding(batch["tokens"], batch["mask"])  # null: on the same device
+    keep = ~drop.to(text.tokens.device)
+    tokens = torch.where(keep[:, None, None], text.tokens, null.tokens)
+    if text.mask is None and null.mask is None:  # no padding in either: no mask
+        return TextEmbedding(tokens, None)
+    return TextEmbedding(tokens, torch.where(keep[:, None], full_mask(text), full_mask(null)))
 
 
 def record_loss_fn(objective: Objective, null: TextEmbedding | None = None, posterior: bool = False):
     """The Trainer's loss_fn(model, batch, generator) for `TextToImageRecords` batches.
 
-    null: the cached embedding of "" ([1, L, D] and [1, L], the cache's `null(1)`) when the batch
-    carries embeddings; None when it carries strings (a learned encoder encodes "" itself).
+    null: the cached embedding of "" ([1, L, D] and [1, L] or None, `padding_mask` of the cache's
+    `null(1)`) when the batch carries embeddings; None when it carries strings (a learned encoder
+    encodes "" itself).
     """
+    nulls = {}  # device -> null there, copied once
 
     def loss_fn(model, batch, generator):
-        x0 = batch["mean"]
+        x0, device = batch["mean"], generator.device  # draws on the generator's device: the trainer's GPU
         if posterior:  # z ~ N(mean, std^2), drawn from the trainer's generator (exact resume)
-            x0 = x0 + batch["std"] * torch.randn(x0.shape, generator=generator).to(x0.device)
-        drop = torch.rand(len(x0), generator=generator) < objective.cond_drop
-        return diffusion_loss(model, x0, _drop_text(batch, drop, null), objective, generator)
+            x0 = x0 + batch["std"] * torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
+        drop = torch.rand(len(x0), generator=generator, device=device) < objective.cond_drop
+        if null is not None and x0.device not in nulls:
+            nulls[x0.device] = TextEmbedding(*(None if t is None else t.to(x0.device) for t in null))
+        return diffusion_loss(model, x0, _drop_text(batch, drop, nulls.get(x0.device)), objective, generator)
 
     return loss_fn
 
@@ -104,4 +109,6 @@ def train_on_records(cfg: TextToImageConfig, records: TextToImageRecords, encode
                          f"it reads captions as {need}.")
     measure_sigma_data_into(cfg, records.sigma_data_sample())
     null = None if records.captions is None else records.captions.null(1)
+    if null is not None:
+        null = TextEmbedding(null.tokens, padding_mask(null.mask))
     return fit_text_to_image(cfg, model, record_loss_fn(cfg.objective, null, posterior), records, resume, sample_fn)

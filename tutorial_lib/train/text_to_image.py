@@ -51,7 +51,7 @@ from ..models.moe import router_aux_loss, routing_stats
 from ..models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 from ..models.unet import UNet, UNetConfig
 from ..text import TEXT_ENCODERS, TextEmbedding, TextEncoder, caption_embeddings, text_encoder
-from ..text.base import NULL_PROMPT, check_mask
+from ..text.base import NULL_PROMPT, check_mask, padding_mask
 from ..weights import atomic_write, read_component_config, read_component_weights
 from .lora import LoRAConfig, add_lora
 from .trainer import Trainer, TrainerConfig
@@ -201,6 +201,10 @@ class CaptionConditioned(nn.Module):
 
     forward(x_t [B, C, H, W], t [B], text) -> F [B, C, H, W]. The null condition is always the encoding
     of "" (`null_row` of the table, `null_text()` otherwise).
+
+    A table none of whose rows is padded (a one-hot table, captions of one length) gives its rows with
+    mask None, so that the denoiser's attention runs with no mask; which it is, is read once, here on
+    the host, rather than per batch from rows that live on the GPU (a sync each step).
     """
 
     def __init__(self, transformer: nn.Module, encoder: TextEncoder, captions: list[str] | None = None):
@@ -216,6 +220,7 @@ class CaptionConditioned(nn.Module):
             table = caption_embeddings(encoder, self.captions or [NULL_PROMPT])
             self.register_buffer("tokens", table.tokens, persistent=False)  # [rows, L, D]
             self.register_buffer("mask", check_mask(table.mask), persistent=False)  # [rows, L]
+            self.padded = padding_mask(table.mask.cpu()) is not None
 
     @property
     def config(self):
@@ -226,7 +231,7 @@ class CaptionConditioned(nn.Module):
         if self.text_encoder is not None:
             return self.text_encoder.null(batch_size)
         rows = torch.full((batch_size,), self.null_row or 0, device=self.tokens.device)
-        return TextEmbedding(self.tokens[rows], self.mask[rows])
+        return self._rows(rows)
 
     def text(self, cond) -> TextEmbedding:
         if isinstance(cond, TextEmbedding):
@@ -237,8 +242,12 @@ class CaptionConditioned(nn.Module):
                                  "are read from their cache (text.embedding_cache) and given as a TextEmbedding.")
             return self.text_encoder.encode(list(cond))
         if self.text_encoder is None:
-            return TextEmbedding(self.tokens[cond], self.mask[cond])
+            return self._rows(cond)
         return self.text_encoder.encode([self.captions[i] for i in cond.tolist()])
+
+    def _rows(self, rows: torch.Tensor) -> TextEmbedding:
+        """Rows [B] of the frozen encoder's table: tokens [B, L, D], mask [B, L] (None: no row is padded)."""
+        return TextEmbedding(self.tokens[rows], self.mask[rows] if self.padded else None)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text, **kwargs) -> torch.Tensor:
         return self.transformer(x_t, t, self.text(text), **kwargs)
@@ -283,7 +292,8 @@ def _t_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, gener
     schedule = objective.noise_schedule()
     t = sample_timesteps(b, objective.t_distribution, generator, beta=objective.t_beta,
                          logit_normal=objective.t_logit_normal, shift=objective.t_shift).to(x0.device)
-    eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
+    eps = offset_noise(torch.randn(x0.shape, generator=generator, device=generator.device), objective.offset_noise,
+                       generator)
     x_t = schedule.add_noise(x0, t, perturb_input(eps, objective.input_perturbation, generator).to(x0.device))
     eps = eps.to(x0.device)
     alpha, sigma = schedule.alpha_sigma_like(t, x0)
@@ -302,7 +312,8 @@ def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, gene
     if objective.sigma_data is None:
         raise ValueError("The EDM loss needs the latents' sigma_data: train_text_to_image measures it "
                          "when training starts; else set Objective(sigma_data=edm.measure_sigma_data(latents)).")
-    eps = offset_noise(torch.randn(x0.shape, generator=generator), objective.offset_noise, generator)
+    eps = offset_noise(torch.randn(x0.shape, generator=generator, device=generator.device), objective.offset_noise,
+                       generator)
     inputs = perturb_input(eps, objective.input_perturbation, generator)
     return edm_loss(EDMPrecond(model, objective.sigma_data), x0, text, generator, P_mean=objective.P_mean,
                     P_std=objective.P_std, noise=eps.to(x0.device), input_noise=inputs.to(x0.device),
@@ -310,14 +321,19 @@ def edm_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, gene
 
 
 def make_loss_fn(rows_per_class: torch.Tensor, null_row: int, objective: Objective):
-    """The Trainer's loss_fn(model, (x0, y), generator): pick a caption per item, drop, diffuse."""
+    """The Trainer's loss_fn(model, (x0, y), generator): pick a caption per item, drop, diffuse.
+    Every draw is on the generator's device (the Trainer's is on its GPU), and so is the caption
+    table after the first step: nothing is copied from or to the host."""
+    tables = {}  # device -> rows_per_class there
 
     def loss_fn(model, batch, generator):
         x0, y = batch
-        b = len(y)
-        pick = torch.randint(0, rows_per_class.shape[1], (b,), generator=generator)
-        rows = rows_per_class[y.cpu(), pick]
-        drop = torch.rand(b, generator=generator) < objective.cond_drop
+        b, device = len(y), generator.device
+        if device not in tables:
+            tables[device] = rows_per_class.to(device)
+        pick = torch.randint(0, rows_per_class.shape[1], (b,), generator=generator, device=device)
+        rows = tables[device][y.to(device), pick]
+        drop = torch.rand(b, generator=generator, device=device) < objective.cond_drop
         rows = torch.where(drop, null_row, rows).to(x0.device)
         return diffusion_loss(model, x0, rows, objective, generator)
 

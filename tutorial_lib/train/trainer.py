@@ -9,9 +9,11 @@
         with autocast (not under FSDP): loss = loss_fn(model, micro-batch, generator)
         (loss / grad_accum_steps).backward()   # DDP and FSDP reduce the gradients on the last
                                                # micro-batch only; before it, they accumulate
-    loss and metrics, averaged over micro-batches and ranks: not finite -> stop (NonFiniteError)
-    clip the gradient norm (unscaled first under fp16): not finite -> stop
-    lr <- schedule(step); optimizer step; EMA update
+    loss and metrics, averaged over micro-batches and ranks, kept on the device
+    clip the gradient norm (unscaled first under fp16)
+    lr <- schedule(step); optimizer step, skipped on the device once a loss or norm was not finite; EMA update
+    at logging, sampling, snapshot and checkpoint steps: the scalars since the last such step read on
+    the host (the only sync with a GPU); one not finite -> stop (NonFiniteError) before writing anything
     every log_every steps:        mean scalars -> progress bar, TensorBoard, history.jsonl
     every sample_every steps:     sample_fn(EMA model, step) -> samples/step_XXXXXXXX.png (+ TensorBoard)
     every posthoc_snapshot_every steps: the post-hoc EMAs -> posthoc_ema/step_XXXXXXXX_sigma_rel_S.safetensors
@@ -60,6 +62,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -83,6 +86,11 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
 PARALLELISMS = ("ddp", "fsdp", "hsdp")
 SHARDED = ("fsdp", "hsdp")  # the parallelisms that shard (distributed.shard)
+
+
+# Devices whose AdamW is the fused one: a kernel per step, which can skip a step on the device (found_inf).
+# Elsewhere torch's default AdamW, bit for bit as before, and a host check (on the CPU, no sync at all).
+FUSED_ADAMW = ("cuda",)
 
 
 class NonFiniteError(FloatingPointError):
@@ -114,7 +122,9 @@ class TrainerConfig:
     # (distributed.setup: longer than rank 0's checkpoint write). Applies when the Trainer joins the group.
     dist_timeout_minutes: float | None = None
     activation_checkpointing: bool = False  # recompute each block in backward (models with `gradient_checkpointing`)
-    num_workers: int = 0  # DataLoader worker processes per rank; 0: batches are read in the training process
+    # DataLoader worker processes per rank; 0: batches are read in the training process. None: `workers()`
+    # (on a GPU, up to 4 per rank from the CPUs this process may use; 0 on the CPU, where workers take its cores).
+    num_workers: int | None = None
     prefetch_factor: int | None = None  # micro-batches each worker reads ahead (workers only); None: 2
     pin_memory: bool | None = None  # page-locked batches, copied to the GPU asynchronously; None: on CUDA (CPU data)
     compile: bool = False  # torch.compile the model that trains (the EMA copy stays eager)
@@ -161,10 +171,11 @@ class TrainerConfig:
              "whole models); use parallelism='ddp'"),
             (self.dist_timeout_minutes is None or self.dist_timeout_minutes > 0,
              f"dist_timeout_minutes must be > 0 or None, got {self.dist_timeout_minutes}"),
-            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers >= 1),
+            (self.num_workers is None or self.num_workers >= 0,
+             f"num_workers must be >= 0 or None (auto), got {self.num_workers}"),
+            (self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers != 0),
              f"prefetch_factor (micro-batches each worker reads ahead) must be >= 1 and needs num_workers "
-             f">= 1, got prefetch_factor={self.prefetch_factor} with num_workers={self.num_workers}"),
+             f">= 1 (or None), got prefetch_factor={self.prefetch_factor} with num_workers={self.num_workers}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (sigma_rels is None or (len(sigma_rels) >= 1 and len(set(sigma_rels)) == len(sigma_rels)
                                     and all(0 < s < MAX_SIGMA_REL for s in sigma_rels)),
@@ -186,6 +197,19 @@ class TrainerConfig:
             return self.lr * warmup_cosine(step, self.steps, self.warmup_steps, self.min_lr_ratio)
         return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
 
+    def workers(self, device: torch.device, data_on_cpu: bool = True) -> int:
+        """DataLoader workers per rank: num_workers, or for None, on a GPU, min(4, c - 1) for the c CPUs each
+        of this node's ranks may use (the affinity mask's CPUs over LOCAL_WORLD_SIZE, torchrun's; one left
+        for the training process itself), so that decoding and collating overlap the GPU's work; 0 on the
+        CPU, where workers would take the cores the model trains on, and for data already on a GPU."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if device.type == "cpu" or not data_on_cpu:
+            return 0
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return min(4, max(0, per_rank - 1))
+
 
 class Trainer:
     """Trains `model` on `loss_fn` over `data` (see the module docstring for one step).
@@ -194,10 +218,12 @@ class Trainer:
         recorded in checkpoints, so loading a checkpoint of another config fails clearly.
     loss_fn(model, batch, generator) -> loss, or (loss, {name: scalar}): a scalar over one
         micro-batch, mean-reduced. `model` is the module to call (wrapped by DDP or torch.compile:
-        use `trainer.model` for its attributes). `generator` is a seeded CPU torch.Generator, one
-        per rank, for every random draw (noise, timesteps, caption dropout). Metrics must have the
-        same names at every call. Under FSDP with bf16 the model's FSDP units run in bfloat16 and return
-        float32 (distributed.shard).
+        use `trainer.model` for its attributes). `generator` is a seeded torch.Generator on the
+        trainer's device, one per rank, for every random draw (noise, timesteps, caption dropout):
+        draw with device=generator.device. Metrics must have the same names at every call; as
+        tensors (not Python numbers) they keep the step free of syncs with the host.
+        Under FSDP with bf16 the model's FSDP units run in bfloat16
+        and return float32 (distributed.shard).
     data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, an
         object with __len__ whose __getitem__ takes a LongTensor of indices, or a map-style dataset
         with __len__ and __getitems__(list of indices) -> one whole batch (tensors, lists of strings).
@@ -226,6 +252,7 @@ class Trainer:
         if self.pin_memory and not cuda:
             raise ValueError(f"pin_memory=True speeds up copies to a CUDA GPU; this trainer runs on {self.device}. "
                              "Use pin_memory=None or False.")
+        self.num_workers = cfg.workers(self.device, on_cpu)
         if not on_cpu and (cfg.num_workers or self.pin_memory):
             raise ValueError("The data's tensors are on a GPU already: they are indexed in the training process, so "
                              "use num_workers=0 and pin_memory=None or False (workers and pinned memory serve data "
@@ -243,7 +270,8 @@ class Trainer:
         # Randomness, per rank: torch's global RNG (dropout, say) and loss_fn's generator, whose
         # seed is drawn from the former so that one seed gives two independent streams.
         torch.manual_seed(cfg.seed + self.dist.rank)
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        # It lives on the training device, so noise, t and masks are drawn there (no copy, no sync).
+        self.generator = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, ())))
 
         self.model = model.to(self.device).train()  # the module itself: checkpoints and EMA use it
         self._model_record = model_record(model)  # before FSDP renames its class (DiT -> FSDPDiT)
@@ -268,13 +296,16 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in self.params if p.ndim >= 2]},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        self.fused = self.device.type in FUSED_ADAMW
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, fused=self.fused or None)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
 
         self.step = 0  # optimizer steps done
         self.history: list[dict] = []  # one record of mean scalars per log_every steps
-        self._pending = {"sums": {}, "counts": {}}  # scalars since the last record
+        self._pending = {"sums": {}, "counts": {}}  # scalars since the last record, on the host
+        self._unread: list[tuple[int, float, list[str], torch.Tensor]] = []  # (step, lr, names, values on the device)
+        self._skip = torch.zeros((), device=self.device)  # 1 from a non-finite step on: updates skipped
         self.out_dir = Path(cfg.out_dir)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.dist, self.sharded, cfg.keep_checkpoints)
         self.checkpoint_dir = self.checkpointer.directory
@@ -318,9 +349,12 @@ class Trainer:
         micro_batches = iter(self._loader())  # from the data order's state now (after a resume, the restored one)
         try:
             while self.step < cfg.steps:
-                self._add_pending(self._train_step(micro_batches))
+                self._train_step(micro_batches)
                 bar.update()
                 done = self.step == cfg.steps
+                everies = (cfg.log_every, cfg.sample_every, cfg.posthoc_snapshot_every, cfg.checkpoint_every)
+                if any(_due(self.step, every, done) for every in everies):
+                    self._read_scalars()  # the one sync with the host, before anything is logged or written
                 if _due(self.step, cfg.log_every, done):
                     record = self._log(writer)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
@@ -344,13 +378,23 @@ class Trainer:
         cfg = self.cfg
         sampler = MicroBatches(self.batches.state_dict(), cfg.grad_accum_steps, self.dist.rank, self.dist.world_size)
         # Its own generator: the loader draws its workers' seeds from it, not from torch's global RNG.
-        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=whole_batch, num_workers=cfg.num_workers,
-                          prefetch_factor=cfg.prefetch_factor, pin_memory=self.pin_memory,
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=whole_batch, num_workers=self.num_workers,
+                          prefetch_factor=cfg.prefetch_factor if self.num_workers else None, pin_memory=self.pin_memory,
                           generator=torch.Generator().manual_seed(cfg.seed))
 
-    def _train_step(self, micro_batches) -> dict[str, float]:
-        """One optimizer step over the next grad_accum_steps of `micro_batches` (`_loader`'s); its
-        scalars (loss, metrics, grad_norm, lr), the same on every rank."""
+    def _train_step(self, micro_batches):
+        """One optimizer step over the next grad_accum_steps of `micro_batches` (`_loader`'s). Its
+        scalars (loss, metrics, grad_norm; the same on every rank) stay on the device, appended to
+        `_unread` for `_read_scalars`: no step syncs with the host.
+
+        A non-finite loss or gradient norm cannot stop the loop without a sync, so it stops the
+        updates instead: `_skip` becomes 1 on the device, and from then on the fused AdamW (on CUDA)
+        skips every step (`found_inf`, the flag GradScaler's skips use), so that gradient clipping's
+        NaN never reaches a weight. `_read_scalars`, at the next logging, sampling or checkpoint step,
+        raises NonFiniteError naming the first bad step, before anything is written. Off CUDA, AdamW
+        is torch's default one, which has no found_inf: there the skip is decided on the host, which on
+        the CPU costs nothing. Under fp16 the GradScaler skips the steps whose gradient is not finite
+        (and lowers its scale); a non-finite loss poisons the gradients so that it skips those too."""
         cfg, accum = self.cfg, self.cfg.grad_accum_steps
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -364,37 +408,58 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = self._loss(batch)
                 (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
-            values = [loss.detach().float(), *(torch.as_tensor(v).detach().float().to(self.device)
+            values = [loss.detach().float(), *(torch.as_tensor(v, device=self.device).detach().float()
                                                for v in metrics.values())]
             total = total + torch.stack(values)  # [1 + metrics]
-        # The step's scalars, averaged over micro-batches and ranks, on the host.
-        means = distributed.all_reduce_mean(total / accum, self.dist).tolist()
-        scalars = dict(zip(["loss", *metrics], means))
-        if not math.isfinite(scalars["loss"]):
-            raise NonFiniteError(self._stop_message("loss", scalars["loss"]))
-
-        if self.scaler:
+        means = distributed.all_reduce_mean(total / accum, self.dist)  # averaged over micro-batches and ranks
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.scaler:  # non-finite gradients make the scaler skip: a non-finite loss (ever) makes them so
+            self._skip = torch.maximum(self._skip, (~means[0].isfinite()).float())
+            torch._foreach_mul_(grads, torch.where(self._skip > 0, math.nan, 1.0))
             self.scaler.unscale_(self.optimizer)
         # FSDP: each rank's norm is of its shards; full_tensor combines them into the whole gradient's.
-        norm = distributed.full_tensor(nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        norm = distributed.full_tensor(nn.utils.get_total_norm(grads))
         nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip or math.inf, norm)
-        grad_norm = norm.item()
-        if self.scaler:  # a non-finite norm under fp16: the scaler skips this step and lowers its scale
-            self.scaler.step(self.optimizer)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # fused AdamW: the scaler hands it found_inf, no sync
             self.scaler.update()
-            scalars["loss_scale"] = self.scaler.get_scale()
-        elif math.isfinite(grad_norm):
-            self.optimizer.step()
+            values = [means, norm[None].float(), self.scaler._get_scale_async()[None].float()]
         else:
-            raise NonFiniteError(self._stop_message("gradient norm", grad_norm))
+            finite = means[0].isfinite() & norm.isfinite()
+            self._skip = torch.maximum(self._skip, (~finite).float())
+            if self.fused:
+                self.optimizer.found_inf = self._skip  # read by the fused step: 1 skips it
+                self.optimizer.step()
+                del self.optimizer.found_inf
+            elif not self._skip.item():  # no found_inf here: a host check (on the CPU, no sync)
+                self.optimizer.step()
+            values = [means, norm[None].float()]
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model, self.step)
+        self.ema.update(self.model, self.step)  # after a skipped step, an average of unchanged weights
         if self.posthoc_ema is not None:
             self.posthoc_ema.update(self.model, self.step)
+        names = ["loss", *metrics, "grad_norm", *(["loss_scale"] if self.scaler else [])]
+        self._unread.append((self.step, lr, names, torch.cat(values)))
         self.step += 1
-        if math.isfinite(grad_norm):
-            scalars["grad_norm"] = grad_norm
-        return {**scalars, "lr": lr}
+
+    def _read_scalars(self):
+        """The scalars of the steps since the last read, to the host in one sync and into the pending
+        sums; NonFiniteError for the first step whose loss (or, without fp16's scaler, gradient norm)
+        was not finite. Under fp16 a non-finite gradient norm is the scaler's business: left out."""
+        if not self._unread:
+            return
+        rows = torch.cat([values for *_, values in self._unread]).tolist()
+        for step, lr, names, values in self._unread:
+            scalars = dict(zip(names, rows[:len(names)]))
+            del rows[:len(names)]
+            for what, name in (("loss", "loss"), ("gradient norm", "grad_norm")):
+                if not math.isfinite(scalars[name]) and not (self.scaler and name == "grad_norm"):
+                    self._unread, self._skip = [], torch.zeros_like(self._skip)  # a caller may resume and go on
+                    raise NonFiniteError(self._stop_message(step, what, scalars[name]))
+            if not math.isfinite(scalars["grad_norm"]):
+                del scalars["grad_norm"]
+            self._add_pending({**scalars, "lr": lr})
+        self._unread = []
 
     def _loss(self, batch) -> tuple[torch.Tensor, dict]:
         out = self.loss_fn(self.net, batch, self.generator)
@@ -426,11 +491,13 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _stop_message(self, what: str, value: float) -> str:
+    def _stop_message(self, step: int, what: str, value: float) -> str:
+        """For a non-finite `what` at optimizer step `step` (0-based), read at step self.step."""
         latest = self.checkpointer.latest()
         kept = (f"the last good checkpoint, {self.checkpoint_dir / latest}, is untouched"
                 if latest is not None else "no checkpoint had been written")
-        return (f"Step {self.step + 1}: the {what} is {value}. Training stopped before this update; {kept}. "
+        return (f"Step {step + 1}: the {what} is {value}. Training stopped before this update (seen at step "
+                f"{self.step}, the next that reads the scalars; the updates in between were skipped); {kept}. "
                 "Try a lower lr, a longer warm-up, gradient clipping, or mixed_precision='no'.")
 
     # ------------------------------------------------------------------------------ logs, samples
