@@ -12,6 +12,8 @@ from tutorial_lib.text.embedding_cache import (CaptionEmbeddingCache, EmbeddingC
 from tutorial_lib.train.records import TextToImageRecords, record_loss_fn
 from tutorial_lib.train.text_to_image import Objective
 
+from tests.test_shards import as_ranks
+
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "a photo of a coat", "a blue square", "a bag"]
 
 
@@ -26,7 +28,7 @@ def minilm():
 def test_each_record_reads_its_captions_embedding(minilm, tmp_path):
     encode_caption_cache(CAPTIONS, minilm, tmp_path, shard_size=2, dtype="float32")
     cache = CaptionEmbeddingCache(tmp_path, minilm.cache_key(), CAPTIONS)
-    assert cache.index["num_captions"] == 5  # "" and the 4 distinct captions
+    assert cache.index["num_rows"] == 9  # "" and each shard's 2 distinct captions
     assert len(list(tmp_path.glob("emb-*.safetensors"))) == 3
     got = cache.take(torch.arange(len(CAPTIONS)))
     want = minilm.encode(CAPTIONS)
@@ -49,11 +51,12 @@ def test_a_rerun_keeps_good_shards_and_ranks_split_the_work(tmp_path):
     encoder = text_encoder("one_hot")  # frozen: no parameters
     captions = [f"a photo of a {c}" for c in ("bag", "coat", "dress", "shirt", "sandal")]
     encode_caption_cache(captions, encoder, tmp_path / "one", shard_size=2)
-    for rank in (1, 0):  # two ranks, in either order; the last to finish writes the index
-        encode_caption_cache(captions, encoder, tmp_path / "two", shard_size=2, rank=rank, world_size=2)
+    as_ranks(2, lambda rank, barrier: encode_caption_cache(captions, encoder, tmp_path / "two", shard_size=2,
+                                                           rank=rank, world_size=2, barrier=barrier))
     one, two = CaptionEmbeddingCache(tmp_path / "one"), CaptionEmbeddingCache(tmp_path / "two")
     records = torch.arange(len(captions))
     assert torch.equal(one.take(records).tokens, two.take(records).tokens)
+    assert (tmp_path / "one" / "index.json").read_text() == (tmp_path / "two" / "index.json").read_text()
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("emb-*")}
     (tmp_path / "one" / _shard_name(1)).write_bytes(b"torn")  # a damaged shard
@@ -63,6 +66,25 @@ def test_a_rerun_keeps_good_shards_and_ranks_split_the_work(tmp_path):
     assert torch.equal(CaptionEmbeddingCache(tmp_path / "one").take(records).tokens, two.take(records).tokens)
 
 
+def test_rank_0_alone_writes_no_index_and_a_lazy_sequence_is_read_a_shard_at_a_time(tmp_path):
+    encoder = WordEncoder(WordEncoderConfig(dim=8, heads=2)).freeze()  # frozen, reads any words
+    reads = []
+
+    class Lazy:  # what data.shards.Captions is to this cache: a sequence read in slices
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            reads.append((i.start, i.stop))
+            return [f"a photo of a bag, number {j}" for j in range(i.start, min(i.stop, 10))]
+
+    encode_caption_cache(Lazy(), encoder, tmp_path, shard_size=4, rank=0, world_size=2, barrier=lambda: None)
+    assert max(b - a for a, b in reads) == 4  # never more than one shard's captions at once
+    assert sorted(p.name for p in tmp_path.iterdir()) == [_shard_name(0), _shard_name(2)]  # rank 0's, no index
+    with pytest.raises(EmbeddingCacheError, match="not a finished caption-embedding cache"):
+        CaptionEmbeddingCache(tmp_path)
+
+
 def test_bad_caches_and_captions_are_refused(minilm, tmp_path):
     encode_caption_cache(CAPTIONS, minilm, tmp_path, shard_size=2)
     with pytest.raises(EmbeddingCacheError, match="holds the embeddings of encoder minilm"):
@@ -70,7 +92,7 @@ def test_bad_caches_and_captions_are_refused(minilm, tmp_path):
     with pytest.raises(EmbeddingCacheError, match="encoded from other captions"):
         CaptionEmbeddingCache(tmp_path, captions=CAPTIONS[::-1])
     (tmp_path / _shard_name(2)).unlink()
-    with pytest.raises(EmbeddingCacheError, match=r"incomplete \(shards \[2\]"):
+    with pytest.raises(EmbeddingCacheError, match=r"incomplete \(shards \[2\] missing"):
         CaptionEmbeddingCache(tmp_path)
     with pytest.raises(EmbeddingCacheError, match="not a finished caption-embedding cache"):
         CaptionEmbeddingCache(tmp_path / "nothing")
