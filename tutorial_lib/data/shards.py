@@ -126,7 +126,7 @@ def _shard_problem(path: Path, key: str, start: int, stop: int) -> str | None:
     return None
 
 
-def _pack_captions(captions: list[str]) -> dict[str, torch.Tensor]:
+def pack_captions(captions: list[str]) -> dict[str, torch.Tensor]:
     """n captions as one UTF-8 blob, caption_bytes [total] uint8, and caption_offsets [n + 1] int64:
     caption i is caption_bytes[offsets[i]:offsets[i + 1]], so a reader decodes only the rows it reads."""
     blobs = [c.encode() for c in captions]
@@ -169,10 +169,9 @@ class _Decoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
+    def _item(self, i: int, image, caption: str, label: int) -> dict:
         try:
-            image = self.image.decode_example(record["image"])
+            image = self.image.decode_example(image)
             image.load()
         except UNDECODABLE as err:
             return {"index": i, "bad": f"{type(err).__name__}: {err}"}
@@ -180,7 +179,18 @@ class _Decoded(torch.utils.data.Dataset):
             x = self.preprocess(image, i)
         except ValueError as err:
             return {"index": i, "error": str(err)}
-        return {"index": i, "x": x, "caption": record["caption"], "label": record.get("label", -1)}
+        return {"index": i, "x": x, "caption": caption, "label": label}
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's items; its rows read from the table at once (a range in one slice: much faster
+        than a row at a time)."""
+        contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+        rows = self.records[indices[0]:indices[-1] + 1] if contiguous else self.records[indices]
+        labels = rows.get("label", [-1] * len(indices))
+        return [self._item(i, *values) for i, *values in zip(indices, rows["image"], rows["caption"], labels)]
 
 
 def _collate(items: list[dict]) -> dict:
@@ -231,7 +241,7 @@ def _write_shard(path: Path, key: str, start: int, stop: int, parts: dict, laten
         return torch.cat(parts[name]).cpu().contiguous() if parts[name] else torch.zeros(0, *latent_shape, dtype=dtype)
     # contiguous: mean and std are halves of one tensor, which torch.cat may keep as strided views
     tensors = {"mean": cat("mean"), "std": cat("std"), "label": torch.tensor(parts["label"], dtype=torch.int64),
-               "index": torch.tensor(parts["index"], dtype=torch.int64), **_pack_captions(parts["caption"])}
+               "index": torch.tensor(parts["index"], dtype=torch.int64), **pack_captions(parts["caption"])}
     metadata = {"key": key, "records": json.dumps([start, stop]), "skipped": json.dumps(parts["bad"])}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
