@@ -346,3 +346,55 @@ def test_checks_against_a_vae_and_a_denoiser(vae, parquet_shards):
     parquet_shards.check_channels(4)
     with pytest.raises(ValueError, match="takes 3 input channels but these latents have 4.*in_channels=4"):
         parquet_shards.check_channels(3)
+
+
+# ----------------------------------------------------------------------------- memory, bounded
+def synthetic_encoding(folder, n: int, shard_size: int = 1000) -> LatentShards:
+    """n records of 1x1x1 latents and distinct captions, written as encode_shards writes them (no VAE)."""
+    folder.mkdir(parents=True)
+    num_shards = -(-n // shard_size)
+    for s in range(num_shards):
+        a, b = s * shard_size, min(n, (s + 1) * shard_size)
+        z = torch.arange(a, b, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        parts = {"mean": [z], "std": [z], "label": [-1] * (b - a), "index": list(range(a, b)),
+                 "caption": [f"record {i}: a red circle at the top left, number {i}" for i in range(a, b)], "bad": []}
+        shards_mod._write_shard(folder / shard_name(s), "lat-synthetic", a, b, parts, (1, 1, 1), torch.float32)
+    index = {"format": shards_mod.FORMAT, "key": "lat-synthetic", "source": {}, "dtype": "float32", "num_records": n,
+             "shard_size": shard_size, "num_shards": num_shards, "skipped": 0, "latent_shape": [1, 1, 1],
+             "shard_records": [min(n, (s + 1) * shard_size) - s * shard_size for s in range(num_shards)]}
+    (folder / "index.json").write_text(json.dumps(index))
+    return LatentShards(folder)
+
+
+def traced(fn) -> tuple[int, int]:
+    """(peak, retained) bytes that Python allocated while running fn()."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        gc.collect()
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, retained
+
+
+def test_reading_every_record_holds_one_shards_worth_whatever_the_number_of_records(tmp_path):
+    """A reader (a DataLoader worker) that reads every record, and one that iterates every caption, hold
+    about one shard's captions at a time, at 5,000 and at 50,000 records alike: format 1 kept every
+    shard's captions it had read (and its header held them all), about 100 bytes a record. (What is
+    kept, a few bytes per read, is safetensors 0.8's: each slice call leaks an int.)"""
+    def read_all(shards):
+        for start in range(0, len(shards), 500):
+            shards.__getitems__(list(range(start, min(len(shards), start + 500))))
+        assert sum(1 for _ in shards.captions()) == len(shards)
+
+    small, large = (synthetic_encoding(tmp_path / str(n), n) for n in (5_000, 50_000))
+    assert large.captions()[49_998:50_000] == [f"record {i}: a red circle at the top left, number {i}"
+                                              for i in (49_998, 49_999)]
+    (small_peak, small_kept), (large_peak, large_kept) = traced(lambda: read_all(small)), traced(lambda: read_all(large))
+    assert large_kept < 500_000 and small_kept < 500_000  # nothing kept per record (50,000 records: ~5 MB)
+    assert large_peak < small_peak + 500_000, (small_peak, large_peak)  # holding all 50,000 captions: ~5 MB

@@ -42,12 +42,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..data.shards import resolve_barrier
+from ..data.shards import GAP_BYTES, _read_rows, resolve_barrier
 from ..weights import atomic_write
 from .base import NULL_PROMPT, TextEmbedding, TextEncoder, check_mask
 
 FORMAT = 2  # 1: one global table of distinct captions, which every rank loaded whole to finish the cache
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROW_GAP = GAP_BYTES // 8  # rows of "row" (int64) bridged in one read
 
 
 class EmbeddingCacheError(RuntimeError):
@@ -203,29 +204,37 @@ class CaptionEmbeddingCache:
             self._files[s] = safe_open(str(self.folder / _shard_name(s)), framework="pt")
         return self._files[s]
 
-    def _take(self, shard_rows) -> TextEmbedding:
-        """(shard, row among its distinct captions) pairs -> TextEmbedding(tokens [B, L, D] float32, mask [B, L])."""
-        tokens, masks = [], []
-        for s, r in shard_rows:
-            f = self._file(s)
-            t, m = f.get_slice("tokens")[r:r + 1, :self.length], f.get_slice("mask")[r:r + 1, :self.length]
-            pad = self.length - m.shape[1]  # a shard of shorter captions than the longest
-            tokens.append(torch.nn.functional.pad(t, (0, 0, 0, pad)))
-            masks.append(torch.nn.functional.pad(m, (0, pad)))
-        return TextEmbedding(torch.cat(tokens).float(), torch.cat(masks))
+    def _take(self, shard: torch.Tensor, row: torch.Tensor) -> TextEmbedding:
+        """Shards [B] and rows [B] among their distinct captions -> TextEmbedding(tokens [B, L, D]
+        float32, mask [B, L]), each shard's rows read in runs (`data.shards._read_rows`)."""
+        tokens = torch.zeros(len(shard), self.length, self.index["dim"])
+        mask = torch.zeros(len(shard), self.length, dtype=torch.bool)
+        for s in shard.unique().tolist():
+            at, f = (shard == s).nonzero().squeeze(1), self._file(s)
+            _, length, dim = f.get_slice("tokens").get_shape()
+            gap = GAP_BYTES // (length * dim * DTYPES[self.index["dtype"]].itemsize)  # rows bridged in one read
+            t = _read_rows(f.get_slice("tokens"), row[at], gap)[:, :self.length]  # [b, L_s, D]
+            m = _read_rows(f.get_slice("mask"), row[at], gap)[:, :self.length]
+            tokens[at, :t.shape[1]], mask[at, :m.shape[1]] = t.float(), m  # a shorter shard stays padded
+        return TextEmbedding(tokens, mask)
 
     def take(self, records: torch.Tensor) -> TextEmbedding:
         """Records [B] -> their captions' TextEmbedding (tokens [B, L, D] float32, mask [B, L])."""
-        records = torch.as_tensor(records).reshape(-1).tolist()
-        if records and not 0 <= min(records) <= max(records) < len(self):
-            raise IndexError(f"Record indices must be in 0..{len(self) - 1}; got {min(records)}..{max(records)}.")
-        where = [divmod(i, self.shard_size) for i in records]
-        return self._take([(s, int(self._file(s).get_slice("row")[i:i + 1])) for s, i in where])
+        records = torch.as_tensor(records, dtype=torch.int64).reshape(-1)
+        if len(records) and (records.min() < 0 or records.max() >= len(self)):
+            raise IndexError(f"Record indices must be in 0..{len(self) - 1}; got {records.min()}..{records.max()}.")
+        shard, i = records // self.shard_size, records % self.shard_size
+        row = torch.empty_like(records)
+        for s in shard.unique().tolist():
+            at = (shard == s).nonzero().squeeze(1)
+            row[at] = _read_rows(self._file(s).get_slice("row"), i[at], ROW_GAP)
+        return self._take(shard, row)
 
     def null(self, batch_size: int = 1) -> TextEmbedding:
         """The embedding of "" (row 0 of every shard) for `batch_size` items: what classifier-free
         guidance drops to."""
-        return self._take([(0, 0)] * batch_size)
+        zeros = torch.zeros(batch_size, dtype=torch.int64)
+        return self._take(zeros, zeros)
 
     def __getstate__(self):  # DataLoader workers: reopen the files in the worker
         return {**self.__dict__, "_files": {}}
