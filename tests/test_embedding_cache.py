@@ -3,6 +3,8 @@ reads: latent shards joined with those embeddings (or with the captions as strin
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -182,3 +184,39 @@ def test_a_frozen_encoder_needs_cached_embeddings_and_a_learned_one_strings(mini
         train_on_records(config("word"), cached)
     with pytest.raises(ValueError, match="configured for latents 8x2x2 but the VAE made 4x2x2"):
         train_on_records(config("minilm", in_channels=8), cached)
+
+
+class SyntheticCaptions:
+    """n distinct captions, made when sliced: a sequence that never exists whole."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, int):
+            return self[i:i + 1][0] if 0 <= i < self.n else [][0]  # IndexError past the end, as a list's
+        return [f"record {j}: a red circle at the top left, number {j}" for j in range(*i.indices(self.n))]
+
+
+def test_encoding_and_opening_the_cache_hold_one_shards_worth_whatever_the_number_of_records(tmp_path):
+    """At 5,000 and at 50,000 distinct captions (shards of 1,000) the encoding process holds about one
+    shard's captions and rows at a time: format 1 listed every caption, deduplicated them in one table
+    and loaded every shard to finish the cache (~100 bytes of Python objects a record, and the embeddings)."""
+    from tests.test_shards import traced
+    from tests.test_bench_data_loading import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_data_prep", REPO_ROOT / "scripts" / "bench_data_prep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    encoder = bench.bytes_encoder()  # a frozen stand-in that costs nothing: the data path is measured
+
+    def encode_and_open(n):
+        folder = encode_caption_cache(SyntheticCaptions(n), encoder, tmp_path / str(n), shard_size=1000)
+        cache = CaptionEmbeddingCache(folder, encoder.cache_key(), SyntheticCaptions(n))
+        assert cache.take(torch.tensor([n - 1])).tokens.shape == (1, 16, 8)
+
+    (small, _), (large, _) = traced(lambda: encode_and_open(5_000)), traced(lambda: encode_and_open(50_000))
+    assert large < small + 500_000, (small, large)  # holding all 50,000 captions: ~5 MB
