@@ -23,6 +23,7 @@ from tutorial_lib.data import shards as shards_mod
 from tutorial_lib.data.fashion_mnist import DataError, find_data_dir, load_fashion_mnist, to_model_images
 from tutorial_lib.data.shards import LatentShards, encode_shards, shard_name, vae_identity
 from tutorial_lib.data.sources import Preprocess, SourceSpec, load_source
+from tutorial_lib.vae.diffusers_interop import from_diffusers
 from tutorial_lib.weights import weights_hash
 
 # hf_cache is an autouse fixture: importing it puts datasets' cache under tmp_path here too.
@@ -398,3 +399,15 @@ def test_reading_every_record_holds_one_shards_worth_whatever_the_number_of_reco
     (small_peak, small_kept), (large_peak, large_kept) = traced(lambda: read_all(small)), traced(lambda: read_all(large))
     assert large_kept < 500_000 and small_kept < 500_000  # nothing kept per record (50,000 records: ~5 MB)
     assert large_peak < small_peak + 500_000, (small_peak, large_peak)  # holding all 50,000 captions: ~5 MB
+
+
+def test_a_vae_computing_in_bfloat16_keeps_its_key_and_dtype(vae, shapes, tmp_path):
+    ours = from_diffusers(vae)  # force_upcast as diffusers' default: True, so it stays in float32
+    folder = encode(shapes, ours, tmp_path / "a", vae_dtype=torch.bfloat16)
+    assert folder.name == encode(shapes, ours, tmp_path / "b").name and next(ours.parameters()).dtype == torch.float32
+    assert torch.equal(shard_tensors(folder)["mean"], shard_tensors(tmp_path / "b" / folder.name)["mean"])
+    ours.config.force_upcast = False  # now it computes in bfloat16: close to float32, not equal
+    half = shard_tensors(encode(shapes, ours, tmp_path / "c", vae_dtype=torch.bfloat16, dtype=torch.float32))
+    full = shard_tensors(encode(shapes, ours, tmp_path / "d", dtype=torch.float32))
+    assert not torch.equal(half["mean"], full["mean"])
+    torch.testing.assert_close(half["mean"], full["mean"], rtol=0.05, atol=0.05)

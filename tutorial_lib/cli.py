@@ -93,7 +93,7 @@ def _encode_data(a, info):
     """Encode --data with --vae into latent shards (each rank its own shards, images decoded in DataLoader
     workers, the VAE in bfloat16 on a GPU unless its config sets force_upcast), and with a frozen
     --text-encoder, run on --device, its captions into an embedding cache beside them; every rank waits
-    for all. Returns (TextToImageRecords, the VAE on the CPU in float32)."""
+    for all. Returns (TextToImageRecords, the VAE on the CPU)."""
     import torch
 
     from .data.shards import DTYPES, LatentShards, encode_shards
@@ -104,9 +104,7 @@ def _encode_data(a, info):
     from .train import distributed
     from .train.records import TextToImageRecords
 
-    vae = _load_vae(a.vae)
-    half = torch.device(a.device).type == "cuda" and not vae.config.force_upcast  # SDXL's VAE overflows in fp16
-    vae = vae.to(a.device, torch.bfloat16 if half else torch.float32)
+    vae = _load_vae(a.vae).to(a.device)
     spec = SourceSpec.resolve(a.data, split=a.split, image_column=a.image_column, text_column=a.text_column,
                               label_column=a.label_column, limit=a.limit)
     resize = a.resize or ("center_crop" if a.resolution else "none")
@@ -117,7 +115,8 @@ def _encode_data(a, info):
         distributed.barrier(info)
 
     folder = encode_shards(spec, vae, root, preprocess, a.shard_size, DTYPES[a.latent_dtype], rank=info.rank,
-                           world_size=info.world_size, num_workers=a.decode_workers, barrier=wait)
+                           world_size=info.world_size, num_workers=a.decode_workers, barrier=wait,
+                           vae_dtype=torch.bfloat16 if torch.device(a.device).type == "cuda" else None)
     latents = LatentShards(folder)
     captions = None
     encoder = text_encoder(a.text_encoder) if a.text_encoder not in (None, "word") else None
@@ -127,7 +126,7 @@ def _encode_data(a, info):
                              world_size=info.world_size, barrier=wait)
         captions = CaptionEmbeddingCache(cache, encoder.cache_key(), latents.captions())
         encoder.cpu()
-    return TextToImageRecords(latents, captions), vae.to("cpu", torch.float32)
+    return TextToImageRecords(latents, captions), vae.cpu()
 
 
 def _cmd_encode_latents(a):

@@ -39,6 +39,7 @@ impossible, and truncation shows in the header.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -313,7 +314,8 @@ def resolve_barrier(barrier, world_size: int):
 
 def encode_shards(source, vae, out_root, preprocess: Preprocess, shard_size: int = 4096,
                   dtype: torch.dtype = torch.bfloat16, batch_size: int = 64, rank: int = 0,
-                  world_size: int = 1, num_workers: int | None = None, barrier=None) -> Path:
+                  world_size: int = 1, num_workers: int | None = None, barrier=None,
+                  vae_dtype: torch.dtype | None = None) -> Path:
     """Encode `source` (a `SourceSpec` or a `datasets.Dataset` of records) with `vae` (ours or
     diffusers') into out_root/<key>, or finish or repair an earlier run; returns that folder.
 
@@ -323,8 +325,11 @@ def encode_shards(source, vae, out_root, preprocess: Preprocess, shard_size: int
     name and writes index.json, and all wait again, so that the encoding is readable (`LatentShards`)
     on every rank on return. An image that does not decode is skipped: the shard lists it, index.json
     counts all of them ("skipped"), and rank 0 reports them. The VAE runs in eval mode without
-    gradients on its own device and in its own dtype (float32 if its config sets force_upcast); its
-    train/eval mode is restored afterwards.
+    gradients on its own device, in `vae_dtype` (default: its own dtype; a cast copy, since casting
+    back would round `vae`'s weights) unless its config sets force_upcast (SDXL's VAE overflows in
+    float16): then in its own dtype, float32 if half (`vae.autoencoder.upcast`). Its train/eval mode
+    is restored afterwards. The encoding's key names the VAE by its weights as given, whatever dtype it
+    computes in.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}.")
@@ -360,8 +365,9 @@ def encode_shards(source, vae, out_root, preprocess: Preprocess, shard_size: int
                 if _shard_problem(folder / shard_name(s), key, *ranges[s])]
         was_training = vae.training
         vae.eval()
+        cast = vae_dtype not in (None, next(vae.parameters()).dtype) and not getattr(vae.config, "force_upcast", False)
         try:
-            _encode_todo(records, vae, preprocess, folder, key, shard_size, ranges, todo, batch_size, dtype,
+            _encode_todo(records, copy.deepcopy(vae).to(vae_dtype) if cast else vae, preprocess, folder, key, shard_size, ranges, todo, batch_size, dtype,
                          default_workers() if num_workers is None else num_workers,
                          f"encoding {key}" + (f" (rank {rank})" if world_size > 1 else ""))
         finally:
