@@ -5,13 +5,13 @@ For each size N in `--records` (default 100,000 and 1,000,000) a parquet file of
 tiny RGB PNGs (`--image-size`, default 8x8, drawn from a pool of 64), one distinct caption per record
 ("record 12345: a red circle at the top left, ...", about 60 characters) and, every 100,000th record,
 bytes that are not an image (skipped and counted, never fatal). Then each stage runs in a fresh Python
-process, so that its peak resident memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, and for the
+process (after `arrow`, datasets' one-time conversion of the parquet file into its Arrow cache,
+measured apart), so that its peak resident memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, and for the
 DataLoader workers that decode the images `RUSAGE_CHILDREN`, the largest worker) is its own:
 
   latents   `encode_shards` with a tiny VAE of ours (widths 8, 16: 3x8x8 -> 4x4x4), shard_size 4096,
-            batch 256, `--workers` decode workers, CPU, float32 weights, bfloat16 storage; the
-            time includes datasets' one-time conversion of the parquet file into its Arrow cache
-            (`load_s` of it)
+            batch 256, `--workers` decode workers, CPU, float32 weights, bfloat16 storage (the
+            time includes opening datasets' Arrow cache and checking every caption, `load_s`)
   captions  `encode_caption_cache` over the encoding's captions (`LatentShards.captions()`, read one
             shard at a time) with a stand-in frozen text encoder, `BytesEncoder`: its first 16 UTF-8
             bytes, each looked up in a fixed random 256 x 8 table. It costs about nothing, so the
@@ -20,7 +20,11 @@ DataLoader workers that decode the images `RUSAGE_CHILDREN`, the largest worker)
             opened with the captions checked against it and one random batch of 256 is read.
 
 `baseline_rss_mb` is the process's resident memory after its imports, before the stage; the peak
-beyond it is what the stage itself holds. Both numbers are measured, never asserted (nothing here
+beyond it is what the stage itself holds. ru_maxrss counts the pages of memory-mapped files that were
+read (datasets' Arrow table, the shards), which the kernel can drop at will, together with the
+process's own heap; a thread therefore also samples /proc every 50 ms for the peaks of RssAnon (the
+heap: what must not grow with the records) and RssFile (mapped files), of the process and of its
+largest DataLoader worker. Both numbers are measured, never asserted (nothing here
 fails on a slow machine). Written as JSON to `--out`:
 
     nice -n 10 python scripts/bench_data_prep.py                      # 100,000 and 1,000,000 records
@@ -30,6 +34,7 @@ fails on a slow machine). Written as JSON to `--out`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -38,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,7 +62,7 @@ def caption(i: int) -> str:
             f"seen {i % 997} times")
 
 
-def write_parquet(path: Path, n: int, size: int, chunk: int = 100_000) -> Path:
+def write_parquet(path: Path, n: int, size: int, chunk: int = 10_000) -> Path:
     """n records in row groups of `chunk`: never the whole table in memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -114,10 +120,44 @@ def tiny_vae():
     return AutoencoderKL(VAEConfig(in_channels=3, channels=(8, 16), latent_channels=4, norm_groups=8)).eval()
 
 
-def rss_mb() -> float:
-    """This process's resident memory now, from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+def rss_mb(pid="self", field: str = "VmRSS") -> float:
+    """A process's resident memory now, from /proc (Linux): VmRSS (all), RssAnon (its own heap and
+    stacks) or RssFile (pages of memory-mapped files: the page cache's, which the kernel can drop)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+    except (OSError, StopIteration):  # the process has ended
+        return 0.0
+
+
+class Sampler(threading.Thread):
+    """Peak RssAnon and RssFile of this process and, separately, of its largest child (a DataLoader
+    worker), sampled every 50 ms: ru_maxrss alone cannot tell a heap that grows from mapped files read."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = {"anon_mb": 0.0, "file_mb": 0.0, "worker_anon_mb": 0.0, "worker_file_mb": 0.0}
+        self.done = threading.Event()
+
+    def children(self) -> list[str]:
+        pids = []
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                pids += (task / "children").read_text().split()
+        return pids
+
+    def run(self):
+        while not self.done.wait(0.05):
+            self.peak["anon_mb"] = max(self.peak["anon_mb"], rss_mb(field="RssAnon"))
+            self.peak["file_mb"] = max(self.peak["file_mb"], rss_mb(field="RssFile"))
+            for pid in self.children():
+                self.peak["worker_anon_mb"] = max(self.peak["worker_anon_mb"], rss_mb(pid, "RssAnon"))
+                self.peak["worker_file_mb"] = max(self.peak["worker_file_mb"], rss_mb(pid, "RssFile"))
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join()
+        return {f"peak_{k}": v for k, v in self.peak.items()}
 
 
 def peak_mb(who=resource.RUSAGE_SELF) -> float:
@@ -128,19 +168,34 @@ def stage_latents(args) -> dict:
     from tutorial_lib.data.shards import LatentShards, encode_shards
     from tutorial_lib.data.sources import Preprocess, SourceSpec
 
-    vae, baseline = tiny_vae(), rss_mb()
+    vae, baseline, sampler = tiny_vae(), rss_mb(), Sampler()
     spec = SourceSpec.resolve(args.data)
+    sampler.start()
     start = time.perf_counter()
-    spec.load()  # datasets converts the parquet file into its Arrow cache, once
+    spec.load()  # from datasets' Arrow cache, which the stage "arrow" made
     load_s = time.perf_counter() - start
     folder = encode_shards(spec, vae, args.root, Preprocess(args.image_size, "center_crop", 3), shard_size=4096,
                            batch_size=256, num_workers=args.workers)
     seconds = time.perf_counter() - start
+    peaks = sampler.stop()
     shards = LatentShards(folder)
-    return {"folder": str(folder), "records": len(shards) + shards.index["skipped"], "kept": len(shards),
+    return {**peaks, "folder": str(folder), "records": len(shards) + shards.index["skipped"], "kept": len(shards),
             "skipped": shards.index["skipped"], "seconds": seconds, "load_s": load_s,
             "records_per_s": (len(shards) + shards.index["skipped"]) / seconds, "baseline_rss_mb": baseline,
             "peak_rss_mb": peak_mb(), "peak_worker_rss_mb": peak_mb(resource.RUSAGE_CHILDREN)}
+
+
+def stage_arrow(args) -> dict:
+    """datasets' one-time conversion of the parquet file into its memory-mapped Arrow cache: its
+    memory follows the file's row groups (`write_parquet` writes 10,000 rows each), not ours."""
+    from tutorial_lib.data.sources import SourceSpec
+
+    baseline, sampler = rss_mb(), Sampler()
+    sampler.start()
+    start = time.perf_counter()
+    SourceSpec.resolve(args.data).load()
+    return {**sampler.stop(), "seconds": time.perf_counter() - start, "baseline_rss_mb": baseline,
+            "peak_rss_mb": peak_mb()}
 
 
 def stage_captions(args) -> dict:
@@ -148,7 +203,8 @@ def stage_captions(args) -> dict:
     from tutorial_lib.text.embedding_cache import CaptionEmbeddingCache, encode_caption_cache
 
     shards, encoder = LatentShards(args.folder), bytes_encoder()
-    baseline = rss_mb()
+    baseline, sampler = rss_mb(), Sampler()
+    sampler.start()
     start = time.perf_counter()
     folder = encode_caption_cache(shards.captions(), encoder, Path(args.folder) / "text-bench",
                                   shard_size=args.caption_shard_size)
@@ -156,9 +212,12 @@ def stage_captions(args) -> dict:
     cache = CaptionEmbeddingCache(folder, encoder.cache_key(), shards.captions())
     open_s = time.perf_counter() - start - seconds
     batch = cache.take(torch.randint(0, len(cache), (256,), generator=torch.Generator().manual_seed(0)))
-    return {"records": len(cache), "rows": cache.index["num_rows"], "seconds": seconds,
+    return {**sampler.stop(), "records": len(cache), "rows": cache.index["num_rows"], "seconds": seconds,
             "records_per_s": len(cache) / seconds, "open_and_check_s": open_s,
             "batch_shape": list(batch.tokens.shape), "baseline_rss_mb": baseline, "peak_rss_mb": peak_mb()}
+
+
+STAGES = {"arrow": stage_arrow, "latents": stage_latents, "captions": stage_captions}
 
 
 def run_stage(name: str, *flags: str) -> dict:
@@ -177,13 +236,13 @@ def main(argv=None) -> dict:
     p.add_argument("--caption-shard-size", type=int, default=50_000)
     p.add_argument("--tmp", type=Path, help="where the data and encodings go (default: a new temporary folder)")
     p.add_argument("--out", type=Path, default=Path("bench_data_prep.json"))
-    p.add_argument("--stage", choices=("latents", "captions"), help=argparse.SUPPRESS)
+    p.add_argument("--stage", choices=tuple(STAGES), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.stage:  # inside a stage's own process
-        print(json.dumps((stage_latents if args.stage == "latents" else stage_captions)(args)))
+        print(json.dumps(STAGES[args.stage](args)))
         return {}
 
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
@@ -195,6 +254,7 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             data = write_parquet(tmp / f"records-{n}.parquet", n, args.image_size)
             entry = {"write_parquet_s": time.perf_counter() - start}
+            entry["arrow"] = run_stage("arrow", "--data", str(data))
             entry["latents"] = run_stage("latents", "--data", str(data), "--root", str(tmp / f"shards-{n}"),
                                          "--image-size", str(args.image_size), "--workers", str(args.workers))
             entry["captions"] = run_stage("captions", "--folder", entry["latents"]["folder"],
