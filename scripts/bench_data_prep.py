@@ -148,15 +148,19 @@ class Sampler(threading.Thread):
 
     def run(self):
         while not self.done.wait(0.05):
-            self.peak["anon_mb"] = max(self.peak["anon_mb"], rss_mb(field="RssAnon"))
-            self.peak["file_mb"] = max(self.peak["file_mb"], rss_mb(field="RssFile"))
-            for pid in self.children():
-                self.peak["worker_anon_mb"] = max(self.peak["worker_anon_mb"], rss_mb(pid, "RssAnon"))
-                self.peak["worker_file_mb"] = max(self.peak["worker_file_mb"], rss_mb(pid, "RssFile"))
+            self.sample()
+
+    def sample(self):
+        self.peak["anon_mb"] = max(self.peak["anon_mb"], rss_mb(field="RssAnon"))
+        self.peak["file_mb"] = max(self.peak["file_mb"], rss_mb(field="RssFile"))
+        for pid in self.children():
+            self.peak["worker_anon_mb"] = max(self.peak["worker_anon_mb"], rss_mb(pid, "RssAnon"))
+            self.peak["worker_file_mb"] = max(self.peak["worker_file_mb"], rss_mb(pid, "RssFile"))
 
     def stop(self) -> dict:
         self.done.set()
         self.join()
+        self.sample()  # a stage shorter than one period is sampled at its end
         return {f"peak_{k}": v for k, v in self.peak.items()}
 
 
