@@ -396,7 +396,7 @@ def test_reading_every_record_holds_one_shards_worth_whatever_the_number_of_reco
     small, large = (synthetic_encoding(tmp_path / str(n), n) for n in (5_000, 50_000))
     assert large.captions()[49_998:50_000] == [f"record {i}: a red circle at the top left, number {i}"
                                               for i in (49_998, 49_999)]
-    (small_peak, small_kept), (large_peak, large_kept) = traced(lambda: read_all(small)), traced(lambda: read_all(large))
+    (small_peak, small_kept), (large_peak, large_kept) = (traced(lambda: read_all(s)) for s in (small, large))
     assert large_kept < 500_000 and small_kept < 500_000  # nothing kept per record (50,000 records: ~5 MB)
     assert large_peak < small_peak + 500_000, (small_peak, large_peak)  # holding all 50,000 captions: ~5 MB
 

@@ -59,7 +59,7 @@ from ..paths import shown
 from ..vae.autoencoder import upcast
 from ..weights import atomic_write, weights_hash
 from .fashion_mnist import DataError
-from .sources import Preprocess, SourceSpec, as_records
+from .sources import Preprocess, SourceSpec, _datasets, as_records
 
 FORMAT = 2  # 1: captions as JSON in each shard's header, read whole by every reader
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -169,8 +169,6 @@ class _Decoded(torch.utils.data.Dataset):
     the preprocessing refuses (a wrong size: the user's choice to fix, not a record to skip)."""
 
     def __init__(self, records, preprocess: Preprocess):
-        from .sources import _datasets
-
         self.image = _datasets().Image()  # decodes datasets' {bytes, path} values
         self.records = records.cast_column("image", _datasets().Image(decode=False))
         self.preprocess = preprocess
@@ -367,7 +365,8 @@ def encode_shards(source, vae, out_root, preprocess: Preprocess, shard_size: int
         vae.eval()
         cast = vae_dtype not in (None, next(vae.parameters()).dtype) and not getattr(vae.config, "force_upcast", False)
         try:
-            _encode_todo(records, copy.deepcopy(vae).to(vae_dtype) if cast else vae, preprocess, folder, key, shard_size, ranges, todo, batch_size, dtype,
+            model = copy.deepcopy(vae).to(vae_dtype) if cast and todo else vae
+            _encode_todo(records, model, preprocess, folder, key, shard_size, ranges, todo, batch_size, dtype,
                          default_workers() if num_workers is None else num_workers,
                          f"encoding {key}" + (f" (rank {rank})" if world_size > 1 else ""))
         finally:

@@ -186,8 +186,8 @@ class CaptionEmbeddingCache:
             raise EmbeddingCacheError(f"{self.folder} holds the embeddings of encoder {self.index['encoder']}, "
                                       f"not of {encoder_key}: encode the captions with this encoder.")
         self.length, self.shard_size = self.index["length"], self.index["shard_size"]
-        if captions is not None and (len(captions) != self.index["num_records"] or
-                                     _combined(_shard_hashes(captions, self.shard_size)) != self.index["captions_hash"]):
+        if captions is not None and (len(captions) != self.index["num_records"] or _combined(
+                _shard_hashes(captions, self.shard_size)) != self.index["captions_hash"]):
             raise EmbeddingCacheError(f"{self.folder} was encoded from other captions ({self.index['num_records']} "
                                       f"records) than these ({len(captions)}): encode them again.")
         missing = [s for s in range(self.index["num_shards"]) if not (self.folder / _shard_name(s)).is_file()]
