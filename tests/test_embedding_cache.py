@@ -206,7 +206,7 @@ def test_encoding_and_opening_the_cache_hold_one_shards_worth_whatever_the_numbe
     shard's captions and rows at a time: format 1 listed every caption, deduplicated them in one table
     and loaded every shard to finish the cache (~100 bytes of Python objects a record, and the embeddings)."""
     from tests.test_shards import traced
-    from tests.test_bench_data_loading import REPO_ROOT
+    from tests.conftest import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("bench_data_prep", REPO_ROOT / "scripts" / "bench_data_prep.py")
     bench = importlib.util.module_from_spec(spec)
