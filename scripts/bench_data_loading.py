@@ -190,7 +190,7 @@ class Ours(Format):
     name, streams = "ours", False
 
     def write(self, records: dict):
-        from tutorial_lib.data.shards import FORMAT, shard_name
+        from tutorial_lib.data.shards import FORMAT, pack_captions, shard_name
         n, size = len(records["caption"]), self.args.shard_records
         key = "lat-bench0000000000"
         self.folder.mkdir(parents=True)
@@ -198,13 +198,15 @@ class Ours(Format):
         for s in range(num_shards):
             a, b = s * size, min(n, (s + 1) * size)
             tensors = {"mean": records["mean"][a:b].contiguous(), "std": records["std"][a:b].contiguous(),
-                       "label": records["label"][a:b].contiguous(), "index": records["index"][a:b].contiguous()}
+                       "label": records["label"][a:b].contiguous(), "index": records["index"][a:b].contiguous(),
+                       **pack_captions(records["caption"][a:b])}
             save_file(tensors, str(self.folder / shard_name(s)),
-                      metadata={"key": key, "captions": json.dumps(records["caption"][a:b])})
+                      metadata={"key": key, "records": json.dumps([a, b]), "skipped": "[]"})
         index = {"format": FORMAT, "key": key,
                  "vae": {"class": "synthetic", "config": {}, "weights_hash": "none"},
                  "source": {"kind": "synthetic", "records": n}, "preprocess": {}, "dtype": "bfloat16",
-                 "num_records": n, "shard_size": size, "num_shards": num_shards,
+                 "num_records": n, "shard_size": size, "num_shards": num_shards, "skipped": 0,
+                 "shard_records": [min(n, (s + 1) * size) - s * size for s in range(num_shards)],
                  "latent_shape": list(records["mean"].shape[1:]), "scaling_factor": 1.0, "shift_factor": 0.0}
         (self.folder / "index.json").write_text(json.dumps(index, indent=1))
 

@@ -3,6 +3,8 @@ reads: latent shards joined with those embeddings (or with the captions as strin
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ from tutorial_lib.text.embedding_cache import (CaptionEmbeddingCache, EmbeddingC
                                                encode_caption_cache)
 from tutorial_lib.train.records import TextToImageRecords, record_loss_fn
 from tutorial_lib.train.text_to_image import Objective
+
+from tests.test_shards import as_ranks
 
 CAPTIONS = ["a red circle", "a blue square", "a red circle", "a photo of a coat", "a blue square", "a bag"]
 
@@ -26,7 +30,7 @@ def minilm():
 def test_each_record_reads_its_captions_embedding(minilm, tmp_path):
     encode_caption_cache(CAPTIONS, minilm, tmp_path, shard_size=2, dtype="float32")
     cache = CaptionEmbeddingCache(tmp_path, minilm.cache_key(), CAPTIONS)
-    assert cache.index["num_captions"] == 5  # "" and the 4 distinct captions
+    assert cache.index["num_rows"] == 9  # "" and each shard's 2 distinct captions
     assert len(list(tmp_path.glob("emb-*.safetensors"))) == 3
     got = cache.take(torch.arange(len(CAPTIONS)))
     want = minilm.encode(CAPTIONS)
@@ -49,11 +53,12 @@ def test_a_rerun_keeps_good_shards_and_ranks_split_the_work(tmp_path):
     encoder = text_encoder("one_hot")  # frozen: no parameters
     captions = [f"a photo of a {c}" for c in ("bag", "coat", "dress", "shirt", "sandal")]
     encode_caption_cache(captions, encoder, tmp_path / "one", shard_size=2)
-    for rank in (1, 0):  # two ranks, in either order; the last to finish writes the index
-        encode_caption_cache(captions, encoder, tmp_path / "two", shard_size=2, rank=rank, world_size=2)
+    as_ranks(2, lambda rank, barrier: encode_caption_cache(captions, encoder, tmp_path / "two", shard_size=2,
+                                                           rank=rank, world_size=2, barrier=barrier))
     one, two = CaptionEmbeddingCache(tmp_path / "one"), CaptionEmbeddingCache(tmp_path / "two")
     records = torch.arange(len(captions))
     assert torch.equal(one.take(records).tokens, two.take(records).tokens)
+    assert (tmp_path / "one" / "index.json").read_text() == (tmp_path / "two" / "index.json").read_text()
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("emb-*")}
     (tmp_path / "one" / _shard_name(1)).write_bytes(b"torn")  # a damaged shard
@@ -63,6 +68,25 @@ def test_a_rerun_keeps_good_shards_and_ranks_split_the_work(tmp_path):
     assert torch.equal(CaptionEmbeddingCache(tmp_path / "one").take(records).tokens, two.take(records).tokens)
 
 
+def test_rank_0_alone_writes_no_index_and_a_lazy_sequence_is_read_a_shard_at_a_time(tmp_path):
+    encoder = WordEncoder(WordEncoderConfig(dim=8, heads=2)).freeze()  # frozen, reads any words
+    reads = []
+
+    class Lazy:  # what data.shards.Captions is to this cache: a sequence read in slices
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            reads.append((i.start, i.stop))
+            return [f"a photo of a bag, number {j}" for j in range(i.start, min(i.stop, 10))]
+
+    encode_caption_cache(Lazy(), encoder, tmp_path, shard_size=4, rank=0, world_size=2, barrier=lambda: None)
+    assert max(b - a for a, b in reads) == 4  # never more than one shard's captions at once
+    assert sorted(p.name for p in tmp_path.iterdir()) == [_shard_name(0), _shard_name(2)]  # rank 0's, no index
+    with pytest.raises(EmbeddingCacheError, match="not a finished caption-embedding cache"):
+        CaptionEmbeddingCache(tmp_path)
+
+
 def test_bad_caches_and_captions_are_refused(minilm, tmp_path):
     encode_caption_cache(CAPTIONS, minilm, tmp_path, shard_size=2)
     with pytest.raises(EmbeddingCacheError, match="holds the embeddings of encoder minilm"):
@@ -70,7 +94,7 @@ def test_bad_caches_and_captions_are_refused(minilm, tmp_path):
     with pytest.raises(EmbeddingCacheError, match="encoded from other captions"):
         CaptionEmbeddingCache(tmp_path, captions=CAPTIONS[::-1])
     (tmp_path / _shard_name(2)).unlink()
-    with pytest.raises(EmbeddingCacheError, match=r"incomplete \(shards \[2\]"):
+    with pytest.raises(EmbeddingCacheError, match=r"incomplete \(shards \[2\] missing"):
         CaptionEmbeddingCache(tmp_path)
     with pytest.raises(EmbeddingCacheError, match="not a finished caption-embedding cache"):
         CaptionEmbeddingCache(tmp_path / "nothing")
@@ -160,3 +184,39 @@ def test_a_frozen_encoder_needs_cached_embeddings_and_a_learned_one_strings(mini
         train_on_records(config("word"), cached)
     with pytest.raises(ValueError, match="configured for latents 8x2x2 but the VAE made 4x2x2"):
         train_on_records(config("minilm", in_channels=8), cached)
+
+
+class SyntheticCaptions:
+    """n distinct captions, made when sliced: a sequence that never exists whole."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, int):
+            return self[i:i + 1][0] if 0 <= i < self.n else [][0]  # IndexError past the end, as a list's
+        return [f"record {j}: a red circle at the top left, number {j}" for j in range(*i.indices(self.n))]
+
+
+def test_encoding_and_opening_the_cache_hold_one_shards_worth_whatever_the_number_of_records(tmp_path):
+    """At 5,000 and at 50,000 distinct captions (shards of 1,000) the encoding process holds about one
+    shard's captions and rows at a time: format 1 listed every caption, deduplicated them in one table
+    and loaded every shard to finish the cache (~100 bytes of Python objects a record, and the embeddings)."""
+    from tests.test_shards import traced
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_data_prep", REPO_ROOT / "scripts" / "bench_data_prep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    encoder = bench.bytes_encoder()  # a frozen stand-in that costs nothing: the data path is measured
+
+    def encode_and_open(n):
+        folder = encode_caption_cache(SyntheticCaptions(n), encoder, tmp_path / str(n), shard_size=1000)
+        cache = CaptionEmbeddingCache(folder, encoder.cache_key(), SyntheticCaptions(n))
+        assert cache.take(torch.tensor([n - 1])).tokens.shape == (1, 16, 8)
+
+    (small, _), (large, _) = traced(lambda: encode_and_open(5_000)), traced(lambda: encode_and_open(50_000))
+    assert large < small + 500_000, (small, large)  # holding all 50,000 captions: ~5 MB

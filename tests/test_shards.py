@@ -6,10 +6,13 @@ and the first records of Fashion-MNIST with the course's shipped VAE; all writte
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import io
 import json
 import pickle
 import shutil
+import threading
 
 import pytest
 import torch
@@ -20,10 +23,11 @@ from tutorial_lib.data import shards as shards_mod
 from tutorial_lib.data.fashion_mnist import DataError, find_data_dir, load_fashion_mnist, to_model_images
 from tutorial_lib.data.shards import LatentShards, encode_shards, shard_name, vae_identity
 from tutorial_lib.data.sources import Preprocess, SourceSpec, load_source
+from tutorial_lib.vae.diffusers_interop import from_diffusers
 from tutorial_lib.weights import weights_hash
 
 # hf_cache is an autouse fixture: importing it puts datasets' cache under tmp_path here too.
-from tests.test_sources import hf_cache, make_imagefolder, make_parquet, shape_records  # noqa: F401
+from tests.test_sources import hf_cache, make_imagefolder, make_parquet, png_bytes, shape_records  # noqa: F401
 
 diffusers = pytest.importorskip("diffusers")
 PRE = Preprocess(16, "center_crop", channels=3)  # 16x16 images -> 4x8x8 latents (f = 2)
@@ -50,7 +54,16 @@ def shapes(tmp_path) -> SourceSpec:
 
 
 def encode(source, vae, root, **kwargs):
-    return encode_shards(source, vae, root, kwargs.pop("preprocess", PRE), **({"shard_size": 5} | kwargs))
+    return encode_shards(source, vae, root, kwargs.pop("preprocess", PRE),
+                         **({"shard_size": 5, "num_workers": 0} | kwargs))
+
+
+def as_ranks(world_size: int, fn):
+    """fn(rank, barrier) for every rank at once, in threads that share a barrier (as torchrun's
+    processes share torch.distributed's); returns their results in rank order."""
+    wall = threading.Barrier(world_size, timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(world_size) as pool:
+        return [f.result() for f in [pool.submit(fn, rank, wall.wait) for rank in range(world_size)]]
 
 
 def expected_posterior(vae, source: SourceSpec, preprocess: Preprocess = PRE):
@@ -74,8 +87,9 @@ def test_layout_and_the_stored_posterior(vae, shapes, tmp_path, dtype):
     assert folder.parent == tmp_path / "latents" and folder.name.startswith("lat-") and len(folder.name) == 20
     index = json.loads((folder / "index.json").read_text())
     dtype_name = str(dtype).removeprefix("torch.")
-    assert index["format"] == 1 and index["key"] == folder.name and index["dtype"] == dtype_name
+    assert index["format"] == 2 and index["key"] == folder.name and index["dtype"] == dtype_name
     assert (index["num_records"], index["shard_size"], index["num_shards"]) == (12, 5, 3)
+    assert index["shard_records"] == [5, 5, 2] and index["skipped"] == 0
     assert index["latent_shape"] == [4, 8, 8]
     assert index["scaling_factor"] == pytest.approx(0.18215) and index["shift_factor"] == 0.0
     assert index["vae"] == vae_identity(vae) and index["vae"]["class"] == "diffusers.models." \
@@ -86,8 +100,10 @@ def test_layout_and_the_stored_posterior(vae, shapes, tmp_path, dtype):
     records = shape_records()
     for s, count in enumerate((5, 5, 2)):
         with safe_open(str(folder / shard_name(s)), framework="pt") as f:
-            assert f.metadata()["key"] == folder.name
-            assert json.loads(f.metadata()["captions"]) == [r[1] for r in records[5 * s:5 * s + count]]
+            assert f.metadata() == {"key": folder.name, "records": f"[{5 * s}, {5 * s + count}]", "skipped": "[]"}
+            text = f.get_tensor("caption_bytes").numpy().tobytes().decode()  # the captions, one UTF-8 blob
+            bounds = f.get_tensor("caption_offsets").tolist()
+            assert [text[a:b] for a, b in zip(bounds, bounds[1:])] == [r[1] for r in records[5 * s:5 * s + count]]
             assert f.get_slice("mean").get_shape() == [count, 4, 8, 8] == f.get_slice("std").get_shape()
     stored = shard_tensors(folder)
     assert stored["mean"].dtype == dtype == stored["std"].dtype and stored["label"].dtype == torch.int64
@@ -127,13 +143,13 @@ def test_course_vae_on_fashion_mnist(shipped_vae, tmp_path):
 @pytest.fixture
 def encoded_starts(monkeypatch):
     """The first record of every shard that is encoded from here on."""
-    starts, encode_shard = [], shards_mod._encode_shard
+    starts, write_shard = [], shards_mod._write_shard
 
-    def counted(records, vae, preprocess, start, *args):
+    def counted(path, key, start, *args):
         starts.append(start)
-        return encode_shard(records, vae, preprocess, start, *args)
+        return write_shard(path, key, start, *args)
 
-    monkeypatch.setattr(shards_mod, "_encode_shard", counted)
+    monkeypatch.setattr(shards_mod, "_write_shard", counted)
     return starts
 
 
@@ -169,12 +185,10 @@ def test_a_shard_from_another_encoding_is_refused_then_replaced(vae, shapes, tmp
 
 
 def test_two_ranks_write_what_one_process_writes(vae, shapes, tmp_path, encoded_starts):
-    split = encode(shapes, vae, tmp_path / "split", rank=0, world_size=2)
-    assert encoded_starts == [0, 10] and not (split / "index.json").exists()
-    with pytest.raises(DataError, match=r"no index.json, so not a finished encoding \(2 shards written so far\)"):
-        LatentShards(split)
-    assert encode(shapes, vae, tmp_path / "split", rank=1, world_size=2) == split
-    assert encoded_starts == [0, 10, 5]
+    split = as_ranks(2, lambda rank, barrier: encode(shapes, copy.deepcopy(vae), tmp_path / "split", rank=rank,
+                                                     world_size=2, barrier=barrier))
+    assert split[0] == split[1] and sorted(encoded_starts) == [0, 5, 10]
+    split = split[0]
     whole = encode(shapes, vae, tmp_path / "whole")
     assert whole.name == split.name
     assert (whole / "index.json").read_text() == (split / "index.json").read_text()
@@ -182,6 +196,46 @@ def test_two_ranks_write_what_one_process_writes(vae, shapes, tmp_path, encoded_
         a, b = (safe_open(str(f / shard_name(s)), framework="pt") for f in (whole, split))
         assert a.metadata() == b.metadata()
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_rank_0_writes_the_index_after_the_barrier_and_only_if_every_shard_is_there(vae, shapes, tmp_path):
+    calls = []
+
+    def rank_0_alone():  # rank 1 never encodes its shard 1
+        calls.append("barrier")
+        return None
+
+    folder = encode(shapes, vae, tmp_path, rank=0, world_size=2, barrier=rank_0_alone)
+    assert calls == ["barrier", "barrier"] and not (folder / "index.json").exists()
+    with pytest.raises(DataError, match=r"no index.json, so not a finished encoding \(2 shards written so far\)"):
+        LatentShards(folder)
+    with pytest.raises(ValueError, match="world_size=2 needs a barrier: join a process group first"):
+        encode(shapes, vae, tmp_path, rank=1, world_size=2)
+
+
+def test_undecodable_images_are_skipped_counted_and_reported(vae, tmp_path, capsys):
+    """Broken bytes in records 1 and 7 of 12 (shards of 5): every other record is encoded, in workers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = shape_records()
+    images = [png_bytes(r[0]) for r in records]
+    images[1], images[7] = b"not an image", images[7][:40]  # garbage, and a truncated PNG
+    path = tmp_path / "broken.parquet"
+    pq.write_table(pa.table({"image": images, "caption": [r[1] for r in records]}), path)
+    spec = SourceSpec.resolve(path)
+    folder = encode(spec, vae, tmp_path / "latents", num_workers=2)
+    assert "Skipped 2 of 12 records whose image does not decode (records 1, 7; e.g. " in capsys.readouterr().out
+    shards = LatentShards(folder)
+    assert len(shards) == 10 and shards.index["skipped"] == 2 and shards.index["shard_records"] == [4, 4, 2]
+    kept = [i for i in range(12) if i not in (1, 7)]
+    batch = shards.__getitems__(list(range(10)))
+    assert batch["index"].tolist() == kept and batch["caption"] == [records[i][1] for i in kept]
+    mean, _ = expected_posterior(vae, SourceSpec.resolve(make_parquet(tmp_path / "whole.parquet", records),
+                                                         image_column="png", text_column="txt"))
+    torch.testing.assert_close(batch["mean"], mean[kept], **TOLERANCE[torch.bfloat16])
+    assert list(shards.captions()) == [records[i][1] for i in kept] == shards.captions()[0:10]
+    assert encode(spec, vae, tmp_path / "latents") == folder  # finished: nothing to redo
 
 
 def test_what_changes_the_key(vae, shapes, tmp_path):
@@ -293,3 +347,67 @@ def test_checks_against_a_vae_and_a_denoiser(vae, parquet_shards):
     parquet_shards.check_channels(4)
     with pytest.raises(ValueError, match="takes 3 input channels but these latents have 4.*in_channels=4"):
         parquet_shards.check_channels(3)
+
+
+# ----------------------------------------------------------------------------- memory, bounded
+def synthetic_encoding(folder, n: int, shard_size: int = 1000) -> LatentShards:
+    """n records of 1x1x1 latents and distinct captions, written as encode_shards writes them (no VAE)."""
+    folder.mkdir(parents=True)
+    num_shards = -(-n // shard_size)
+    for s in range(num_shards):
+        a, b = s * shard_size, min(n, (s + 1) * shard_size)
+        z = torch.arange(a, b, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        parts = {"mean": [z], "std": [z], "label": [-1] * (b - a), "index": list(range(a, b)),
+                 "caption": [f"record {i}: a red circle at the top left, number {i}" for i in range(a, b)], "bad": []}
+        shards_mod._write_shard(folder / shard_name(s), "lat-synthetic", a, b, parts, (1, 1, 1), torch.float32)
+    index = {"format": shards_mod.FORMAT, "key": "lat-synthetic", "source": {}, "dtype": "float32", "num_records": n,
+             "shard_size": shard_size, "num_shards": num_shards, "skipped": 0, "latent_shape": [1, 1, 1],
+             "shard_records": [min(n, (s + 1) * shard_size) - s * shard_size for s in range(num_shards)]}
+    (folder / "index.json").write_text(json.dumps(index))
+    return LatentShards(folder)
+
+
+def traced(fn) -> tuple[int, int]:
+    """(peak, retained) bytes that Python allocated while running fn()."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        gc.collect()
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, retained
+
+
+def test_reading_every_record_holds_one_shards_worth_whatever_the_number_of_records(tmp_path):
+    """A reader (a DataLoader worker) that reads every record, and one that iterates every caption, hold
+    about one shard's captions at a time, at 5,000 and at 50,000 records alike: format 1 kept every
+    shard's captions it had read (and its header held them all), about 100 bytes a record. (What is
+    kept, a few bytes per read, is safetensors 0.8's: each slice call leaks an int.)"""
+    def read_all(shards):
+        for start in range(0, len(shards), 500):
+            shards.__getitems__(list(range(start, min(len(shards), start + 500))))
+        assert sum(1 for _ in shards.captions()) == len(shards)
+
+    small, large = (synthetic_encoding(tmp_path / str(n), n) for n in (5_000, 50_000))
+    assert large.captions()[49_998:50_000] == [f"record {i}: a red circle at the top left, number {i}"
+                                              for i in (49_998, 49_999)]
+    (small_peak, small_kept), (large_peak, large_kept) = (traced(lambda: read_all(s)) for s in (small, large))
+    assert large_kept < 500_000 and small_kept < 500_000  # nothing kept per record (50,000 records: ~5 MB)
+    assert large_peak < small_peak + 500_000, (small_peak, large_peak)  # holding all 50,000 captions: ~5 MB
+
+
+def test_a_vae_computing_in_bfloat16_keeps_its_key_and_dtype(vae, shapes, tmp_path):
+    ours = from_diffusers(vae)  # force_upcast as diffusers' default: True, so it stays in float32
+    folder = encode(shapes, ours, tmp_path / "a", vae_dtype=torch.bfloat16)
+    assert folder.name == encode(shapes, ours, tmp_path / "b").name and next(ours.parameters()).dtype == torch.float32
+    assert torch.equal(shard_tensors(folder)["mean"], shard_tensors(tmp_path / "b" / folder.name)["mean"])
+    ours.config.force_upcast = False  # now it computes in bfloat16: close to float32, not equal
+    half = shard_tensors(encode(shapes, ours, tmp_path / "c", vae_dtype=torch.bfloat16, dtype=torch.float32))
+    full = shard_tensors(encode(shapes, ours, tmp_path / "d", dtype=torch.float32))
+    assert not torch.equal(half["mean"], full["mean"])
+    torch.testing.assert_close(half["mean"], full["mean"], rtol=0.05, atol=0.05)

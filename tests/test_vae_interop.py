@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from tutorial_lib.vae.autoencoder import AutoencoderKL, VAEConfig
 from tutorial_lib.vae.diffusers_interop import diffusers_config, from_diffusers, to_diffusers
+from tutorial_lib.weights import weights_hash
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -86,3 +89,33 @@ def test_unsupported_diffusers_blocks_are_refused():
 
     with pytest.raises(ValueError, match="DownEncoderBlock2D"):
         from_diffusers(Fake())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_force_upcast_is_kept_and_a_half_precision_vae_runs_in_float32(dtype):
+    torch.manual_seed(0)
+    theirs = diffusers.AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
+                                     in_channels=3, out_channels=3, layers_per_block=1, force_upcast=True,
+                                     down_block_types=("DownEncoderBlock2D",) * 2,
+                                     up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    ours = from_diffusers(theirs)
+    assert ours.config.force_upcast and to_diffusers(ours).config.force_upcast
+    reference = copy.deepcopy(ours).to(dtype).float()  # the half weights, computed in float32
+    half = ours.to(dtype)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean = half.encode(x.to(dtype)).mean
+        image = half.decode(mean.to(dtype))
+        assert mean.dtype == image.dtype == torch.float32  # computed in float32 ...
+        assert next(half.parameters()).dtype == dtype  # ... and cast back afterwards
+        torch.testing.assert_close(mean, reference.encode(x.to(dtype).float()).mean, rtol=0, atol=0)
+        torch.testing.assert_close(image, reference.decode(mean.to(dtype).float()), rtol=0, atol=0)
+        half.config.force_upcast = False  # without the flag it runs in its own dtype
+        assert half.encode(x.to(dtype)).mean.dtype == half.decode(mean.to(dtype)).dtype == dtype
+
+
+def test_force_upcast_leaves_the_weights_hash_alone():
+    ours = from_diffusers(to_diffusers(_perturbed(CONFIGS["f8-no-attention"])))
+    flipped = copy.deepcopy(ours)
+    flipped.config.force_upcast = not ours.config.force_upcast
+    assert weights_hash(flipped) == weights_hash(ours)

@@ -90,9 +90,12 @@ def _load_vae(path: Path | None):
 
 
 def _encode_data(a, info):
-    """Encode --data with --vae into latent shards (each rank its own shards), and with a frozen
-    --text-encoder its captions into an embedding cache beside them; every rank waits for all.
-    Returns (TextToImageRecords, the VAE)."""
+    """Encode --data with --vae into latent shards (each rank its own shards, images decoded in DataLoader
+    workers, the VAE in bfloat16 on a GPU unless its config sets force_upcast), and with a frozen
+    --text-encoder, run on --device, its captions into an embedding cache beside them; every rank waits
+    for all. Returns (TextToImageRecords, the VAE on the CPU)."""
+    import torch
+
     from .data.shards import DTYPES, LatentShards, encode_shards
     from .data.sources import Preprocess, SourceSpec
     from .paths import data_root
@@ -107,18 +110,22 @@ def _encode_data(a, info):
     resize = a.resize or ("center_crop" if a.resolution else "none")
     preprocess = Preprocess(a.resolution, resize, vae.config.in_channels)
     root = a.latents_dir or data_root() / "shards"
+
+    def wait():
+        distributed.barrier(info)
+
     folder = encode_shards(spec, vae, root, preprocess, a.shard_size, DTYPES[a.latent_dtype], rank=info.rank,
-                           world_size=info.world_size)
-    distributed.barrier(info)
+                           world_size=info.world_size, num_workers=a.decode_workers, barrier=wait,
+                           vae_dtype=torch.bfloat16 if torch.device(a.device).type == "cuda" else None)
     latents = LatentShards(folder)
     captions = None
     encoder = text_encoder(a.text_encoder) if a.text_encoder not in (None, "word") else None
     if encoder is not None and encoder.frozen:
-        texts = list(latents.captions())
         cache = folder / f"text-{encoder.cache_key()}"
-        encode_caption_cache(texts, encoder, cache, rank=info.rank, world_size=info.world_size)
-        distributed.barrier(info)
-        captions = CaptionEmbeddingCache(cache, encoder.cache_key(), texts)
+        encode_caption_cache(latents.captions(), encoder.to(a.device), cache, rank=info.rank,
+                             world_size=info.world_size, barrier=wait)
+        captions = CaptionEmbeddingCache(cache, encoder.cache_key(), latents.captions())
+        encoder.cpu()
     return TextToImageRecords(latents, captions), vae.cpu()
 
 
@@ -133,7 +140,7 @@ def _cmd_encode_latents(a):
     records, _ = _encode_data(a, distributed.setup())
     print(records.latents)
     if records.captions is not None:
-        print(f"caption embeddings: {records.captions.folder} ({records.captions.index['num_captions']} distinct)")
+        print(f"caption embeddings: {records.captions.folder} ({records.captions.index['num_rows']} rows)")
 
 
 def _load_pipe(a):
@@ -536,6 +543,8 @@ def _add_data(p):
                    help="storage dtype of the latent shards (default: %(default)s)")
     g.add_argument("--shard-size", type=_positive, default=4096, help="records per shard (default: %(default)s)")
     g.add_argument("--latents-dir", type=Path, help="where encodings live (default: data/shards)")
+    g.add_argument("--decode-workers", type=int, help="DataLoader workers per rank that decode and resize "
+                   "images (default: the cores shared among the node's ranks, at most 8)")
 
 
 def _add_common(p):

@@ -151,8 +151,11 @@ def read_component_weights(folder: str | Path, name: str) -> dict:
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """A short SHA-256 of the config and every parameter's bytes: the key of derived caches."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    """A short SHA-256 of the config and every parameter's bytes: the key of derived caches. Config
+    fields marked `metadata={"hashed": False}` (a precision policy such as a VAE's force_upcast) are left out."""
+    unhashed = {f.name for f in dataclasses.fields(model.config) if not f.metadata.get("hashed", True)}
+    config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in unhashed}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -187,6 +187,14 @@ def _holds_integers(feature) -> bool:
         isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
 
 
+def _column(dataset, column: str, chunk: int = 65_536):
+    """The values of `column`, read `chunk` rows at a time: never the whole column in memory (datasets
+    keeps the table memory-mapped; `dataset[column]` would make one Python list of millions)."""
+    dataset = dataset.select_columns([column])  # a view: the other columns (images) are not read
+    for start in range(0, len(dataset), chunk):
+        yield from dataset[start:start + chunk][column]
+
+
 def as_records(dataset, image_column: str = "image", text_column: str = "caption",
                label_column: str | None = None):
     """`dataset` reduced to the columns image, caption (and label), renamed so, after checking
@@ -202,7 +210,7 @@ def as_records(dataset, image_column: str = "image", text_column: str = "caption
     if label_column is not None and not _holds_integers(dataset.features[label_column]):
         raise ValueError(f"Column {label_column!r} holds {dataset.features[label_column]}; labels are "
                          "integers (a ClassLabel or an integer column).")
-    for i, caption in enumerate(dataset[text_column]):
+    for i, caption in enumerate(_column(dataset, text_column)):
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"Record {i} has the caption {caption!r} (column {text_column!r}): every "
                              "record needs a non-empty caption. Fix it, or drop such records first "

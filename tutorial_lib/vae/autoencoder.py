@@ -9,11 +9,17 @@ The architecture is LDM's, block for block, so that `vae/diffusers_interop.py` c
 and from `diffusers.AutoencoderKL` exactly: ResNet blocks with GroupNorm (eps 1e-6) and SiLU,
 down-sampling by a stride-2 convolution after padding one pixel on the right and bottom, nearest
 up-sampling followed by a convolution, and a mid-block ResNet -> self-attention -> ResNet.
+
+Precision: a VAE whose config sets `force_upcast` (diffusers' flag; SDXL's VAE overflows in float16
+and decodes to NaN or black) encodes and decodes in float32 even when its weights are float16 or
+bfloat16 (`upcast`), as diffusers' SDXL pipelines do; the flag is a precision policy, not part of
+what the network computes, so it is left out of `weights.weights_hash`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +39,7 @@ class VAEConfig:
     quant_conv: bool = False  # 1x1 convolutions around the latent, as in LDM and Stable Diffusion
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    force_upcast: bool = field(default=False, metadata={"hashed": False})  # encode/decode in float32 (see above)
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
@@ -187,6 +194,25 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def upcast(vae):
+    """Run `vae` (ours or a diffusers.AutoencoderKL) in float32 within the block if its config sets
+    force_upcast and its weights are half precision, then cast it back; yields whether it did.
+    diffusers' SDXL pipelines do the same around their VAE calls (`upcast_vae`)."""
+    dtype = next(vae.parameters()).dtype
+    if not (getattr(vae.config, "force_upcast", False) and dtype in HALF):
+        yield False
+        return
+    vae.to(torch.float32)
+    try:
+        yield True
+    finally:
+        vae.to(dtype)
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
@@ -204,11 +230,13 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         self._check(x, self.config.in_channels, "image")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        with upcast(self) as upcasting:
+            return DiagonalGaussian(self.quant_conv(self.encoder(x.float() if upcasting else x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         self._check(z, self.config.latent_channels, "latent")
-        return self.decoder(self.post_quant_conv(z))
+        with upcast(self) as upcasting:
+            return self.decoder(self.post_quant_conv(z.float() if upcasting else z))
 
     def forward(self, x, generator=None):
         posterior = self.encode(x)

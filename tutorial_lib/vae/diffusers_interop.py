@@ -3,6 +3,8 @@
 The two are the same network (LDM's KL autoencoder) under different names: `KEY_MAP` is the whole
 correspondence, and `diffusers_config` the configuration. Older checkpoints store the attention
 projections as 1x1 convolutions; ours are `nn.Linear`, so those are squeezed on the way in.
+diffusers' `force_upcast` (default True there; SDXL's VAE needs it: in float16 it overflows and decodes
+to NaN or black) is kept both ways, so that a half-precision VAE still encodes and decodes in float32.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def diffusers_config(config: VAEConfig) -> dict:
         latent_channels=config.latent_channels, norm_num_groups=config.norm_groups,
         mid_block_add_attention=config.mid_attention, scaling_factor=config.scaling_factor,
         shift_factor=config.shift_factor, use_quant_conv=config.quant_conv,
-        use_post_quant_conv=config.quant_conv,
+        use_post_quant_conv=config.quant_conv, force_upcast=config.force_upcast,
     )
 
 
@@ -71,6 +73,7 @@ def from_diffusers(theirs) -> AutoencoderKL:
         latent_channels=c.latent_channels, mid_attention=getattr(c, "mid_block_add_attention", True),
         norm_groups=c.norm_num_groups, scaling_factor=float(c.scaling_factor),
         shift_factor=float(c.shift_factor or 0.0), quant_conv=c.use_quant_conv,
+        force_upcast=bool(getattr(c, "force_upcast", True)),  # diffusers' default when a config lacks it
     )
     ours = AutoencoderKL(config)
     state = {k: v.float()[:, :, 0, 0] if ".attentions." in k and v.ndim == 4 else v.float()
