@@ -802,12 +802,15 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .text.cache import UnknownCaption
     from .train.ema import SnapshotError
     from .train.trainer import CheckpointError
+    from .versions import TorchVersionError
     from .weights import WeightsError
 
     # ValueError: a bad value (preset, prompt set, sampler for this model, ...); FileNotFoundError: a
     # path that is not there (--config, --init); the others: files that are missing, incomplete or do
-    # not fit (weights, data, checkpoints, post-hoc EMA snapshots), a prompt no cached caption matches.
-    return (ValueError, FileNotFoundError, WeightsError, SnapshotError, CheckpointError, DataError, UnknownCaption)
+    # not fit (weights, data, checkpoints, post-hoc EMA snapshots), a prompt no cached caption matches, a
+    # torch older than a feature asked for needs.
+    return (ValueError, FileNotFoundError, WeightsError, SnapshotError, CheckpointError, DataError, UnknownCaption,
+            TorchVersionError)
 
 
 def _message(error: Exception) -> str:

@@ -42,9 +42,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+
+from ..versions import require_torch
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ def shard(model: nn.Module, device: torch.device, param_dtype: torch.dtype | Non
     t (8 significant bits) moves the fastest channels of DiT's 1000 t sinusoidal embedding by up to
     1.66 (measured; 0.002 when the float32 embedding is rounded instead).
     """
+    require_torch("fsdp")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6
+
     units = fsdp_units(model)
     if param_dtype is not None and not units:
         raise ValueError(f"FSDP's mixed precision casts a model's blocks (modules in an nn.ModuleList whose class "
@@ -164,11 +168,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_sharded(state: dict, folder: Path):
     """Write every rank's shards of `state` (nested dicts of tensors and DTensors) into `folder`: one
     safetensors file per rank (a collective; `folder` must exist and be shared by all ranks)."""
+    require_torch("sharded_checkpoints")
     dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True))
 
 
 def load_sharded(state: dict, folder: Path):
     """Read `save_sharded`'s files into `state`'s tensors, in place, each rank its own shards."""
+    require_torch("sharded_checkpoints")
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
 
 
