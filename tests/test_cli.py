@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -292,3 +293,60 @@ def test_sample_refuses_bad_sizes_and_paths(tmp_path, capsys):
     with pytest.raises(ValueError, match="give it an extension"):
         main(["sample", "--out", str(tmp_path / "grid"), *TINY])
     assert not (tmp_path / "grid").exists()
+
+
+# ----------------------------------------------------------------------------- --out a folder, --model a name
+def test_sample_out_an_existing_folder_writes_samples_png_in_it(tmp_path, capsys):
+    main(["sample", "--prompt", "a boot", "--num-images", "1", "--out", str(tmp_path), *TINY])
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    assert _pngs(tmp_path / "samples") == ["prompt-00_image-00.png"]
+    assert f"sample grid: {tmp_path / 'samples.png'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command, name", [("train-classifier", "classifier.safetensors"),
+                                           ("train-vae", "vae.safetensors")])
+def test_weights_out_an_existing_folder_gets_the_default_name(command, name, tmp_path, monkeypatch):
+    """The training itself is stubbed: only where the weights go is under test."""
+    from types import SimpleNamespace
+
+    from tutorial_lib import weights
+    from tutorial_lib.eval import reconstruction
+    from tutorial_lib.train import classifier, vae
+    from tutorial_lib.vae.autoencoder import VAEConfig
+
+    written = []
+    monkeypatch.setattr(weights, "save_weights", lambda model, path, kind, extra: written.append(path))
+    monkeypatch.setattr(classifier, "train_classifier", lambda **_: (None, 0.5))
+    monkeypatch.setattr(vae, "train_vae", lambda cfg, device: (SimpleNamespace(config=VAEConfig()), []))
+    monkeypatch.setattr(reconstruction, "evaluate_vae", lambda model: {})
+    main([command, "--out", str(tmp_path), "--device", "cpu"])
+    main([command, "--out", str(tmp_path / "mine.safetensors"), "--device", "cpu"])
+    assert written == [tmp_path / name, tmp_path / "mine.safetensors"]
+
+
+def test_model_takes_a_shipped_name(tmp_path, monkeypatch):
+    from tutorial_lib.cli import shipped_pipelines
+    from tutorial_lib.paths import ASSETS_DIR
+
+    names = ("attr_t2i", "dit_t2i", "edm_t2i", "moe_t2i", "tiny_t2i")
+    assert shipped_pipelines() == names
+    required = {"posthoc-ema": ["--sigma-rels", "0.1"]}
+    for command in ("sample", "evaluate", "posthoc-ema"):
+        for name in names:
+            args = build_parser().parse_args([command, "--model", name, *required.get(command, [])])
+            assert args.model == ASSETS_DIR / name
+    main(["sample", "--prompt", "a boot", "--num-images", "1", "--out", str(tmp_path / "grid.png"), *TINY[2:],
+          "--model", "tiny_t2i"])
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    (tmp_path / "tiny_t2i").mkdir()  # a folder of that name here wins over the shipped one
+    monkeypatch.chdir(tmp_path)
+    assert build_parser().parse_args(["sample", "--model", "tiny_t2i"]).model == Path("tiny_t2i")
+
+
+def test_an_unknown_model_name_lists_the_shipped_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--model", "dit_t2", "--device", "cpu"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m tutorial_lib sample: error: argument --model: 'dit_t2' is neither a folder nor a shipped model; "
+        "give a saved pipeline folder or one of attr_t2i, dit_t2i, edm_t2i, moe_t2i, tiny_t2i.")

@@ -87,22 +87,6 @@ def test_sincos_2d_shape_and_values():
         sincos_2d(2, 2, 10)
 
 
-def test_the_torch_floor_has_every_sdpa_feature_the_layers_use():
-    """SDPA's enable_gqa (grouped-query attention) arrived in torch 2.5: pyproject must not allow less."""
-    import inspect
-    import re
-    import tomllib
-    from pathlib import Path
-
-    from tutorial_lib.models import layers
-
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    floor = next(re.fullmatch(r"torch>=(\d+)\.(\d+)", d) for d in pyproject["project"]["dependencies"]
-                 if d.startswith("torch>="))
-    assert "enable_gqa" in inspect.getsource(layers)
-    assert (int(floor[1]), int(floor[2])) >= (2, 5)
-
-
 def test_attention_ignores_masked_context():
     torch.manual_seed(0)
     attn = Attention(16, 2, context_dim=8).eval()

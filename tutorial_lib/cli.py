@@ -34,6 +34,7 @@ def _cmd_train_classifier(a):
     from .train.classifier import train_classifier
     from .weights import save_weights
 
+    a.out = _out_file(a.out, "classifier.safetensors")
     model, acc = train_classifier(epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, device=a.device)
     save_weights(model, a.out, "classifier", {"test_accuracy": acc, "epochs": a.epochs, "seed": a.seed})
     print(json.dumps({"test_accuracy": round(acc, 4), "weights": str(a.out)}))
@@ -46,6 +47,7 @@ def _cmd_train_vae(a):
     from .vae.losses import VAELossConfig
     from .weights import save_weights
 
+    a.out = _out_file(a.out, "vae.safetensors")
     model = VAEConfig(channels=tuple(int(c) for c in a.channels.split(",")), num_res_blocks=a.res_blocks,
                       latent_channels=a.latent_channels, norm_groups=a.norm_groups,
                       mid_attention=not a.no_mid_attention)
@@ -376,8 +378,10 @@ def _fit_latents(cfg, shape):
 def _cmd_sample(a):
     from .data.captions import CLASS_PROMPTS
 
+    a.out = _out_file(a.out, "samples.png")
     if not a.out.suffix:
-        raise ValueError(f"--out {a.out} is the grid's image file: give it an extension, e.g. {a.out}.png.")
+        raise ValueError(f"--out {a.out} is the grid's image file: give it an extension, e.g. {a.out}.png, or "
+                         "an existing folder to write samples.png in.")
     if a.prompt and not all(p.strip() for p in a.prompt):
         raise ValueError("--prompt: a prompt is empty.")
     prompts = list(a.prompt or CLASS_PROMPTS)
@@ -474,6 +478,7 @@ def _cmd_posthoc_ema(a):
         record["saved"] = {"out": str(a.out), **posthoc}
     text = json.dumps(record, indent=1)
     if a.json:
+        a.json = _out_file(a.json, "posthoc_ema.json")
         atomic_write(a.json, lambda tmp: Path(tmp).write_text(text + "\n"))
     print(text)
 
@@ -605,7 +610,32 @@ def _add_eval(p, per_prompt):
                    if per_prompt else "samples per prompt (default: by TUTORIAL_BUDGET: 10, 50 or 100)")
 
 
-MODEL_HELP = "a saved pipeline folder (default: the shipped DiT, tutorial_lib/assets/dit_t2i)"
+def shipped_pipelines() -> tuple[str, ...]:
+    """The names of the pipelines shipped in tutorial_lib/assets (dit_t2i, attr_t2i, ...): its folders
+    with a model_index.json."""
+    return tuple(sorted(d.name for d in ASSETS_DIR.iterdir() if (d / "model_index.json").is_file()))
+
+
+def _pipeline_path(text: str) -> Path:
+    """--model: a folder (an existing path wins), or a shipped pipeline's name (`shipped_pipelines()`), for
+    argparse. A bare name that is neither is a usage error naming the shipped ones; a path with folders
+    in it goes on to the loader, which says what is missing there."""
+    path = Path(text)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    if text in shipped_pipelines():
+        return ASSETS_DIR / text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a folder nor a shipped model; give a saved pipeline "
+                                     f"folder or one of {', '.join(shipped_pipelines())}.")
+
+
+def _out_file(out: Path, name: str) -> Path:
+    """--out of a command that writes one file: an existing folder gets the file `name` inside it."""
+    return out / name if out.is_dir() else out
+
+
+MODEL_HELP = ("a saved pipeline folder, or a shipped model's name: dit_t2i (default), attr_t2i, edm_t2i, moe_t2i, "
+              "tiny_t2i (tutorial_lib/assets/NAME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -617,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
     p.add_argument("--out", type=Path, default=ASSETS_DIR / "classifier.safetensors",
-                   help="weights file to write (default: the shipped one, tutorial_lib/assets/classifier.safetensors)")
+                   help="weights file to write, or a folder to write classifier.safetensors in (default: the shipped "
+                   "one, tutorial_lib/assets/classifier.safetensors)")
     _add_common(p)
     p.set_defaults(func=_cmd_train_classifier)
 
@@ -643,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step at which the adversarial loss begins (default: %(default)s)")
     p.add_argument("--init", type=Path, help="start from these VAE weights (their config is kept)")
     p.add_argument("--out", type=Path, default=ASSETS_DIR / "vae.safetensors",
-                   help="weights file to write (default: the shipped one, tutorial_lib/assets/vae.safetensors)")
+                   help="weights file to write, or a folder to write vae.safetensors in (default: the shipped one, "
+                   "tutorial_lib/assets/vae.safetensors)")
     _add_common(p)
     p.set_defaults(func=_cmd_train_vae)
 
@@ -736,21 +768,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample --num-images images of each prompt and write them as a grid, one row "
                        "per prompt labelled with it, and one by one as OUT_STEM/prompt-PP_image-II.png next to "
                        "the grid (OUT_STEM/prompts.txt: prompt PP on line PP + 1).")
-    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i", help=MODEL_HELP)
+    p.add_argument("--model", type=_pipeline_path, default=ASSETS_DIR / "dit_t2i", help=MODEL_HELP)
     p.add_argument("--prompt", nargs="+", metavar="PROMPT",
                    help='one or more prompts, e.g. --prompt "a photo of a boot" "a red dress" (default: one per '
                    'class, "a photo of a t-shirt", ...)')
     p.add_argument("--num-images", "--per-class", dest="num_images", type=_positive, default=8,
                    help="images per prompt, one grid row; --per-class is its former name (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("outputs/samples.png"),
-                   help="the grid's image file; the single images go in the folder of its name without the "
-                   "extension (default: %(default)s, and outputs/samples/)")
+                   help="the grid's image file, or a folder to write samples.png in; the single images go in the "
+                   "folder of its name without the extension (default: %(default)s, and outputs/samples/)")
     _add_sampling(p)
     _add_common(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="class accuracy and FID of a model's samples")
-    p.add_argument("--model", type=Path, default=ASSETS_DIR / "dit_t2i", help=MODEL_HELP)
+    p.add_argument("--model", type=_pipeline_path, default=ASSETS_DIR / "dit_t2i", help=MODEL_HELP)
     _add_eval(p, per_prompt=100)
     _add_sampling(p)
     _add_common(p)
@@ -761,7 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "`train --model dit --posthoc-ema ... --posthoc-snapshot-every N` run (EDM2, Karras et al. "
                        "2024); print them (gamma, residual) as JSON, with --evaluate their metrics and the stored "
                        "EMA's on the same noise, and with --out save one as a pipeline.")
-    p.add_argument("--model", type=Path, required=True, help="a pipeline folder written by train --model dit")
+    p.add_argument("--model", type=_pipeline_path, required=True,
+                   help="a pipeline folder written by train --model dit")
     p.add_argument("--sigma-rels", type=_floats, required=True, metavar="S1,S2",
                    help="the EMA widths to reconstruct, e.g. 0.03,0.05,0.1")
     p.add_argument("--snapshots", type=Path, help="the snapshots folder (default: MODEL/run/posthoc_ema)")
@@ -773,7 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.add_argument("--out", type=Path, help="save the pipeline with the reconstructed EMA here: one sigma_rel, "
                    "or with --evaluate the one of lowest class-prompt FID")
-    p.add_argument("--json", type=Path, help="also write the JSON record here")
+    p.add_argument("--json", type=Path, help="also write the JSON record to this file (a folder: "
+                   "posthoc_ema.json in it)")
     _add_common(p)
     p.set_defaults(func=_cmd_posthoc_ema)
 
@@ -796,12 +830,15 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .text.cache import UnknownCaption
     from .train.ema import SnapshotError
     from .train.checkpoint import CheckpointError
+    from .versions import TorchVersionError
     from .weights import WeightsError
 
     # ValueError: a bad value (preset, prompt set, sampler for this model, ...); FileNotFoundError: a
     # path that is not there (--config, --init); the others: files that are missing, incomplete or do
-    # not fit (weights, data, checkpoints, post-hoc EMA snapshots), a prompt no cached caption matches.
-    return (ValueError, FileNotFoundError, WeightsError, SnapshotError, CheckpointError, DataError, UnknownCaption)
+    # not fit (weights, data, checkpoints, post-hoc EMA snapshots), a prompt no cached caption matches, a
+    # torch older than a feature asked for needs.
+    return (ValueError, FileNotFoundError, WeightsError, SnapshotError, CheckpointError, DataError, UnknownCaption,
+            TorchVersionError)
 
 
 def _message(error: Exception) -> str:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..versions import require_torch
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding (Vaswani et al., 2017) of t in [0, 1], fed as 1000 t: [B] -> [B, dim].
@@ -131,6 +133,8 @@ class Attention(nn.Module):
         kv_heads = kv_heads or heads
         if heads % kv_heads:
             raise ValueError(f"heads {heads} is not divisible by kv_heads {kv_heads}.")
+        if kv_heads != heads:
+            require_torch("sdpa_gqa")
         self.heads, self.kv_heads = heads, kv_heads
         head_dim = dim // heads
         self.q = nn.Linear(dim, dim)

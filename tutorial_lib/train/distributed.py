@@ -76,11 +76,11 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..models.moe import Experts
+from ..versions import require_torch
 
 
 DEFAULT_TIMEOUT_MINUTES = 30.0  # the process group's (module docstring)
@@ -221,6 +221,9 @@ def shard(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None = 
     noise level t (8 significant bits) moves the fastest channels of DiT's 1000 t sinusoidal embedding
     by up to 1.66 (measured; 0.002 when the float32 embedding is rounded instead).
     """
+    require_torch("fsdp")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6
+
     units = fsdp_units(model)
     if param_dtype is not None and not units:
         raise ValueError(f"FSDP's mixed precision casts a model's units (its `fsdp_units()`), and "
@@ -261,6 +264,7 @@ def save_sharded(state: dict, folder: Path):
     """Write every rank's shards of `state` (nested dicts of tensors and DTensors) into `folder`: one
     safetensors file per rank, `shard_file(rank)` (a collective; `folder` must exist and be shared by
     all ranks)."""
+    require_torch("sharded_checkpoints")
     dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True))
 
 
@@ -275,6 +279,7 @@ def shard_file(rank: int) -> str:
 def load_sharded(state: dict, folder: Path, files: list[str]):
     """Read `save_sharded`'s `files` (names in `folder`) into `state`'s tensors, in place, each rank
     its own shards; any other file in `folder` is not read."""
+    require_torch("sharded_checkpoints")
     reader = dcp.HuggingFaceStorageReader(str(folder))
     reader.fs = _Named(reader.fs, files)  # its read_metadata reads the files that fs.ls(folder) returns
     dcp.load(state, storage_reader=reader)

@@ -74,6 +74,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..versions import require_torch
 from ..weights import atomic_write
 from . import distributed
 from .checkpoint import CheckpointError  # noqa: F401 (what load_checkpoint raises: importable from here too)
@@ -276,6 +277,7 @@ class Trainer:
         self.model = model.to(self.device).train()  # the module itself: checkpoints and EMA use it
         self._model_record = model_record(model)  # before FSDP renames its class (DiT -> FSDPDiT)
         self.sharded = cfg.parallelism in SHARDED and self.dist.enabled  # one process: nothing to shard
+        require_torch("grad_clip", *(("fsdp", "sharded_checkpoints") if self.sharded else ()))
         if self.sharded:
             distributed.broadcast_module(self.model, self.dist)  # rank 0's initial weights, as DDP's
             self.net = self.model  # what loss_fn calls; sharded in place below
