@@ -13,10 +13,10 @@ that every rank leaves together (not while rank 0 still writes its files).
 The process group's timeout (`setup(timeout_minutes)`, TrainerConfig.dist_timeout_minutes, the CLI's
 --dist-timeout, else $TUTORIAL_LIB_DIST_TIMEOUT_MINUTES, else 30 minutes) is how long a collective
 waits for the slowest rank before the run is stopped. Ranks wait that long while rank 0 writes a
-whole checkpoint (DDP: the model, EMA and AdamW's two moments, about 11 GB for DiT-XL/2 with its
-SHA-256), and while rank 0 encodes the latent cache alone. NCCL's own default, 10 minutes, stops a
-run whose file system writes that checkpoint below about 18 MB/s; 30 minutes allows 6 MB/s, and a
-rank that is really gone is still noticed within half an hour.
+whole checkpoint (DDP: the model, EMA and AdamW's two moments, 16 bytes per parameter, 12 GB for
+DiT-XL/2's 758M, then its SHA-256), and while rank 0 encodes the latent cache alone. NCCL's own
+default, 10 minutes, stops a run whose file system writes that checkpoint below about 20 MB/s;
+30 minutes allows 7 MB/s, and a rank that is really gone is still noticed within half an hour.
 
 Data parallelism (DDP, Li et al., 2020, "PyTorch Distributed"; `wrap`): every rank holds the whole
 model, runs its shard of the global batch, and DistributedDataParallel all-reduces (averages) the
@@ -24,7 +24,8 @@ gradients during backward, so every rank applies the same update and the weights
 
 Fully sharded data parallelism (FSDP, Zhao et al., 2023, "PyTorch FSDP"; here FSDP2, `shard`, as the
 `torch.distributed.fsdp.fully_shard` docs describe it): each rank keeps 1/world of every parameter,
-gradient and optimizer moment (each tensor cut along its first dimension, a DTensor). Before each
+gradient and optimizer moment (each tensor cut along its first dimension, a DTensor; expert weights
+below). Before each
 block's forward (and again in backward) the block's parameters are all-gathered, and freed after;
 gradients are reduce-scattered, so each rank updates its own shard. Memory per rank falls with the
 number of ranks, for about 1.5x DDP's communication. The units gathered at once are the ones each
