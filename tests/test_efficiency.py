@@ -160,12 +160,14 @@ def frozen_encoder(tiny_text_encoder, tmp_path, monkeypatch):
     clear_memory_cache()
 
 
-@pytest.mark.parametrize("prediction, schedule", [("v", "cosine"), ("eps", "scaled_linear"), ("edm", "cosine")])
-def test_training_steps_do_not_sync_with_the_host(prediction, schedule, tmp_path, frozen_encoder, fused_on_cpu,
+@pytest.mark.parametrize("prediction, schedule, dit", [
+    ("v", "cosine", "tiny-mixer"), ("eps", "scaled_linear", "tiny-mixer"), ("edm", "cosine", "tiny-mixer"),
+    ("v", "cosine", "tiny-moe-mixer")])
+def test_training_steps_do_not_sync_with_the_host(prediction, schedule, dit, tmp_path, frozen_encoder, fused_on_cpu,
                                                   host_reads):
     edm = dict(sigma_data=0.5) if prediction == "edm" else dict(t_distribution="logit_normal", schedule=schedule)
     objective = Objective(prediction=prediction, mask_ratio=0.5, offset_noise=0.1, input_perturbation=0.1, **edm)
-    cfg = TextToImageConfig(model=preset("tiny-mixer", hidden_size=32, depth=1, num_heads=2), objective=objective,
+    cfg = TextToImageConfig(model=preset(dit, hidden_size=32, depth=2, num_heads=2), objective=objective,
                             trainer=TrainerConfig(steps=4, batch_size=4, log_every=4, checkpoint_every=None,
                                                   out_dir=str(tmp_path / "run"), tensorboard=False, device="cpu"))
     model = build(cfg, frozen_encoder)

@@ -68,7 +68,7 @@ def record_loss_fn(objective: Objective, null: TextEmbedding | None = None, post
 
     null: the cached embedding of "" ([1, L, D] and [1, L] or None, `padding_mask` of the cache's
     `null(1)`) when the batch carries embeddings; None when it carries strings (a learned encoder
-    encodes "" itself).
+    encodes "" itself, and which captions are dropped is read on the host: a sync a step on a GPU).
     """
     nulls = {}  # device -> null there, copied once
 

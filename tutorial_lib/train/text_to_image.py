@@ -204,7 +204,9 @@ class CaptionConditioned(nn.Module):
 
     A table none of whose rows is padded (a one-hot table, captions of one length) gives its rows with
     mask None, so that the denoiser's attention runs with no mask; which it is, is read once, here on
-    the host, rather than per batch from rows that live on the GPU (a sync each step).
+    the host, rather than per batch from rows that live on the GPU (a sync each step). A learned
+    encoder reads its captions as strings, so its rows are read on the host: one sync a step on a GPU
+    (the frozen encoders of training at scale have none).
     """
 
     def __init__(self, transformer: nn.Module, encoder: TextEncoder, captions: list[str] | None = None):

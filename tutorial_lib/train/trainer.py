@@ -222,9 +222,8 @@ class Trainer:
         use `trainer.model` for its attributes). `generator` is a seeded torch.Generator on the
         trainer's device, one per rank, for every random draw (noise, timesteps, caption dropout):
         draw with device=generator.device. Metrics must have the same names at every call; as
-        tensors (not Python numbers) they keep the step free of syncs with the host.
-        Under FSDP with bf16 the model's FSDP units run in bfloat16
-        and return float32 (distributed.shard).
+        tensors (not Python numbers) they keep the step free of syncs with the host. Under FSDP
+        with bf16 the model's FSDP units run in bfloat16 and return float32 (distributed.shard).
     data: a tensor, a (nested) tuple / list / dict of tensors with the same first dimension, an
         object with __len__ whose __getitem__ takes a LongTensor of indices, or a map-style dataset
         with __len__ and __getitems__(list of indices) -> one whole batch (tensors, lists of strings).
