@@ -350,3 +350,4 @@ def test_an_unknown_model_name_lists_the_shipped_ones(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         "python -m tutorial_lib sample: error: argument --model: 'dit_t2' is neither a folder nor a shipped model; "
         "give a saved pipeline folder or one of attr_t2i, dit_t2i, edm_t2i, moe_t2i, tiny_t2i.")
+    assert build_parser().parse_args(["sample", "--model", "./dit_t2i"]).model == Path("dit_t2i")  # a path: as given

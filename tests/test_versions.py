@@ -68,8 +68,8 @@ def test_an_older_torch_is_refused_in_one_line(monkeypatch):
 
 
 def test_the_features_are_refused_where_they_are_set_up(monkeypatch, tmp_path):
-    """Grouped-query attention at construction, the Trainer before it trains (FSDP's needs only when it
-    shards), FSDP and sharded checkpoints before any collective; the CLI prints them as one line."""
+    """Grouped-query attention at construction, the Trainer's gradient clipping before it trains, FSDP
+    and sharded checkpoints before any collective; the CLI prints the error as one line (a user error)."""
     from tutorial_lib.cli import user_errors
     from tutorial_lib.models.layers import Attention
     from tutorial_lib.train import distributed

@@ -618,10 +618,10 @@ def shipped_pipelines() -> tuple[str, ...]:
 
 def _pipeline_path(text: str) -> Path:
     """--model: a folder (an existing path wins), or a shipped pipeline's name (`shipped_pipelines()`), for
-    argparse. A bare name that is neither is a usage error naming the shipped ones; a path with folders
-    in it goes on to the loader, which says what is missing there."""
+    argparse. A bare name that is neither is a usage error naming the shipped ones; a path with a
+    separator in it ("./dit_t2i", "runs/x") goes on to the loader, which says what is missing there."""
     path = Path(text)
-    if path.exists() or len(path.parts) != 1:
+    if path.exists() or "/" in text or os.sep in text:
         return path
     if text in shipped_pipelines():
         return ASSETS_DIR / text
