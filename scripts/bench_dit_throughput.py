@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> dict:
     optimizers = {}
     for name, model in models.items():
         model.to(device).train()
+        if isinstance(model, DiT):
+            model.build_positions()  # before tracing: a compiled forward that fills the cache is traced again
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
         timed_steps(model, loss_fn, optimizers[name], batch, args.warmup, device, args.precision)
 

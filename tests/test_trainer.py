@@ -344,6 +344,16 @@ def test_torch_compile_is_accepted(tmp_path):
     assert set(saved) == set(eager.model.state_dict())  # no "_orig_mod." prefixes
 
 
+def test_torch_compile_finds_the_dit_positions_built(tmp_path):
+    """With compile=True the DiT's position tables are built before tracing (DiT.build_positions): a
+    compiled forward that fills the cache itself is traced a second time at its next call."""
+    eager = Trainer(DiT(TINY_DIT), mse_loss, regression_data(), config(tmp_path / "eager", steps=2))
+    compiled = Trainer(DiT(TINY_DIT), mse_loss, regression_data(),
+                       config(tmp_path, compile=True, compile_backend="eager", steps=2))
+    assert not eager.model._positions
+    assert list(compiled.model._positions) == [(2, 2, "cpu")]
+
+
 @pytest.mark.skipif(not os.environ.get("TUTORIAL_SLOW_TESTS"),
                     reason="inductor's first compile takes about 20 s on a 2-core CPU; "
                            "set TUTORIAL_SLOW_TESTS=1")

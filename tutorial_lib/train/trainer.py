@@ -293,6 +293,9 @@ class Trainer:
         for switch in switches if cfg.activation_checkpointing else []:
             switch.gradient_checkpointing = True  # the live model's only: the EMA never runs backward
         if cfg.compile:
+            for module in self.model.modules():  # position tables built before tracing (DiT.build_positions)
+                if hasattr(module, "build_positions"):
+                    module.build_positions()
             self.net = torch.compile(self.net, backend=cfg.compile_backend)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in self.params if p.ndim >= 2]},
