@@ -258,10 +258,19 @@ def checkpointed(forward):
     return run
 
 
-def switch_checkpointing(blocks, on: bool):
-    """Set `gradient_checkpointing` on every block of `blocks` (a model's switch, its setter)."""
-    for block in blocks:
-        block.gradient_checkpointing = on
+class BlockCheckpointing:
+    """A model whose blocks' forwards are `checkpointed`: its `gradient_checkpointing` switch (the
+    Trainer's activation_checkpointing) is that of every block in its `fsdp_units()`."""
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True: recompute each block in backward, inside the block (module docstring)."""
+        return all(block.gradient_checkpointing for block in self.fsdp_units())
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool):
+        for block in self.fsdp_units():
+            block.gradient_checkpointing = on
 
 
 class DiTBlock(nn.Module):
@@ -333,7 +342,7 @@ def init_dit_like(model: nn.Module):
         nn.init.normal_(embedder[2].weight, std=0.02)
 
 
-class DiT(nn.Module):
+class DiT(BlockCheckpointing, nn.Module):
     """forward(x [B, C, H, W], t [B] in [0, 1], TextEmbedding(tokens [B, L, D_text], mask [B, L]))
     -> [B, C, H, W]. H and W may be any multiples of patch_size."""
 
@@ -374,15 +383,6 @@ class DiT(nn.Module):
             nn.init.normal_(self.t_block[1].weight, std=0.02)
             for layer in modulated:
                 nn.init.normal_(layer.scale_shift_table, std=self.config.hidden_size ** -0.5)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """True: recompute each block in backward (module docstring); the switch of every block."""
-        return all(block.gradient_checkpointing for block in self.fsdp_units())
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool):
-        switch_checkpointing(self.fsdp_units(), on)
 
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP shards one by one (train/distributed.py): the blocks, the patch-mixer's first."""

@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..text.base import TextEmbedding, masked_mean
-from .dit import DiT, DiTConfig, DiTCost, FinalLayer, checkpointed, init_dit_like, latent_grid, switch_checkpointing
+from .dit import (BlockCheckpointing, DiT, DiTConfig, DiTCost, FinalLayer, checkpointed, init_dit_like,
+                  latent_grid)
 from .layers import MLP, apply_rope, modulate, qk_norm_layer, rope_2d, timestep_embedding
 
 
@@ -219,7 +220,7 @@ class SingleStreamBlock(nn.Module):
         return x + gate[:, None] * self.linear2(torch.cat([attn, self.mlp_act(u)], dim=2))
 
 
-class MMDiT(nn.Module):
+class MMDiT(BlockCheckpointing, nn.Module):
     """forward(x [B, C, H, W], t [B] in [0, 1], TextEmbedding(tokens [B, L, D_text], mask [B, L]))
     -> [B, C, H, W]. H and W may be any multiples of patch_size."""
 
@@ -250,15 +251,6 @@ class MMDiT(nn.Module):
         for layer in [*zeroed, self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """True: recompute each block in backward, inside the block (as models/dit.py)."""
-        return all(block.gradient_checkpointing for block in self.fsdp_units())
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool):
-        switch_checkpointing(self.fsdp_units(), on)
 
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP shards one by one (train/distributed.py): the double-stream blocks, then the single."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..text.word_encoder import TextEmbedding
-from .dit import checkpointed, switch_checkpointing
+from .dit import BlockCheckpointing, checkpointed
 from .layers import MLP, Attention, sincos_2d, timestep_embedding
 
 
@@ -62,7 +62,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class TinyTransformer(nn.Module):
+class TinyTransformer(BlockCheckpointing, nn.Module):
     def __init__(self, config: TinyTransformerConfig | None = None):
         super().__init__()
         self.config = cfg = config or TinyTransformerConfig()
@@ -72,14 +72,6 @@ class TinyTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.dim)
         self.patch_out = nn.Linear(cfg.dim, cfg.latent_channels)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return all(block.gradient_checkpointing for block in self.blocks)
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool):
-        switch_checkpointing(self.blocks, on)
 
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP shards one by one (train/distributed.py): the blocks."""
