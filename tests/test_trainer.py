@@ -260,6 +260,18 @@ def test_resume_needs_the_same_batch_size_and_data(tmp_path):
         Trainer(mlp(), mse_loss, regression_data(), config(tmp_path)).load_checkpoint(tmp_path)
 
 
+def test_resume_needs_a_generator_of_the_same_device_type(tmp_path):
+    """loss_fn's generator lives on the training device: a checkpoint holding a generator state of another
+    device type (a CUDA generator's 16 bytes here; a CPU generator's 5,056) is refused, not half-restored."""
+    Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, steps=2, checkpoint_every=2)).fit()
+    meta_path = tmp_path / "checkpoints" / "step_00000002" / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    meta["rng"][0]["generator"] = checkpoint_module._b64(torch.zeros(16, dtype=torch.uint8))
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="another device type.*resume on the kind of device"):
+        Trainer(mlp(), mse_loss, regression_data(), config(tmp_path)).load_checkpoint()
+
+
 def test_a_fresh_run_does_not_overwrite_checkpoints(tmp_path):
     Trainer(mlp(), mse_loss, regression_data(), config(tmp_path, steps=2, checkpoint_every=2)).fit()
     with pytest.raises(FileExistsError, match="load_checkpoint"):

@@ -264,6 +264,10 @@ class Checkpointer:
         if state.scaler and meta["grad_scaler"]:
             state.scaler.load_state_dict(meta["grad_scaler"])
         rng = {name: _unb64(text) for name, text in meta["rng"][self.dist.rank].items()}
+        if rng["generator"].numel() != state.generator.get_state().numel():
+            raise CheckpointError(f"{path} holds the state of a loss generator of another device type than this run's "
+                                  f"({state.generator.device.type}): the generator lives on the training device, so "
+                                  "resume on the kind of device that wrote the checkpoint.")
         torch.set_rng_state(rng["torch"])
         state.generator.set_state(rng["generator"])
         if "cuda" in rng and state.device.type == "cuda":
