@@ -63,9 +63,6 @@ def run(root: Path, mode: str, parallelism: str):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    try:
+    with distributed.process_group():  # the Trainers join it; every rank leaves it together at the end
         for job in sys.argv[2:]:
             run(Path(sys.argv[1]), *job.split(":"))
-        distributed.barrier(distributed.setup())  # rank 0 has written its files: every rank leaves together
-    finally:
-        distributed.cleanup()

@@ -139,7 +139,8 @@ def _cmd_encode_latents(a):
 
         print(latent_cache())
         return
-    records, _ = _encode_data(a, distributed.setup())
+    with distributed.process_group() as info:
+        records, _ = _encode_data(a, info)
     print(records.latents)
     if records.captions is not None:
         print(f"caption embeddings: {records.captions.folder} ({records.captions.index['num_rows']} rows)")
@@ -299,13 +300,8 @@ def _cmd_train(a):
 
     cfg = _train_config(a)
     # Join the process group first, so that only rank 0 encodes the cache; leave it at the end, also on error.
-    info = distributed.setup(cfg.trainer.dist_timeout_minutes)
-    try:
-        pipe = _train(a, cfg, info)
-        distributed.barrier(info)  # rank 0 has saved the pipeline: every rank leaves the group together
-        return pipe
-    finally:
-        distributed.cleanup()
+    with distributed.process_group(cfg.trainer.dist_timeout_minutes) as info:
+        return _train(a, cfg, info)
 
 
 def _train(a, cfg, info):

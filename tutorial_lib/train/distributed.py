@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -146,6 +147,20 @@ def cleanup():
     """Leave the process group, if this process joined one (the end of a torchrun script)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(timeout_minutes: float | None = None):
+    """`with process_group() as info:` a torchrun script's work between `setup(timeout_minutes)` and
+    `cleanup()`. After the work, every rank waits for the others before it leaves, so that none destroys
+    the group while rank 0 still writes its files; on an error this rank leaves at once (torchrun stops
+    the others)."""
+    info = setup(timeout_minutes)
+    try:
+        yield info
+        barrier(info)
+    finally:
+        cleanup()
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device, broadcast_buffers: bool = False) -> nn.Module:
