@@ -14,17 +14,17 @@ Local sources never touch the network, so they need no offline setting.
 
 `SourceSpec` is the source written down: what `resolve` made of the argument, `load()` to read it,
 and `fingerprint()`, its identity in cache keys: the spec's fields plus datasets' own fingerprint
-of the records as `load(decode_images=False)` gives them. That one covers what can change under an unchanged spec: for local files
-datasets hashes every data file's path and modification time (the images and the metadata file;
-mtimes, not contents, so that a million-image folder is not read to key it: an edit, or a copy
-that does not keep mtimes, gives a new key and a re-encode, never stale latents), for a Hub set its
-revision, and for an in-memory set (the built-ins) the content itself.
+of the records as `load(decode_images=False)` gives them. That one covers what can change under an
+unchanged spec: for local files datasets hashes every data file's path and modification time (the
+images and the metadata file; mtimes, not contents, so that a million-image folder is not read to
+key it: an edit, or a copy that does not keep mtimes, gives a new key and a re-encode, never stale
+latents), for a Hub set its revision, and for an in-memory set (the built-ins) the content itself.
 
-An image column of encoded bytes is cast to `datasets.Image` by `load()`; `load(decode_images=False)`
-keeps it as stored, bytes that the reader decodes (`data.shards` does). The cast rebuilds every Arrow
-record batch of the table in memory, and datasets writes image datasets in batches of 100 rows, so a
-process that holds cast records keeps about 35 bytes a record more (35 MB for a million records, in
-every DataLoader worker too, as those share the parent's pages).
+`load()` casts an image column of encoded bytes to `datasets.Image`; `load(decode_images=False)`
+keeps it as stored, bytes for the reader to decode (`data.shards` does). The cast rebuilds each of
+the table's Arrow record batches in memory, and datasets stores image data in batches of 100 rows,
+so cast records hold about 30 bytes more per record (30 MB for a million, counted again in every
+forked DataLoader worker).
 
 `Preprocess` turns a record's image into float32 [C, H, W] in [-1, 1] by one resize policy.
 """
