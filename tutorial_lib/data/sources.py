@@ -23,8 +23,8 @@ latents), for a Hub set its revision, and for an in-memory set (the built-ins) t
 `load()` casts an image column of encoded bytes to `datasets.Image`; `load(decode_images=False)`
 keeps it as stored, bytes for the reader to decode (`data.shards` does). The cast rebuilds each of
 the table's Arrow record batches in memory, and datasets stores image data in batches of 100 rows,
-so cast records hold about 30 bytes more per record (30 MB for a million, counted again in every
-forked DataLoader worker).
+so cast records hold about 25–30 bytes more per record (25–30 MB for a million, counted again in
+every forked DataLoader worker).
 
 `Preprocess` turns a record's image into float32 [C, H, W] in [-1, 1] by one resize policy.
 """
