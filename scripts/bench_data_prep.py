@@ -176,7 +176,7 @@ def stage_latents(args) -> dict:
     spec = SourceSpec.resolve(args.data)
     sampler.start()
     start = time.perf_counter()
-    spec.load()  # from datasets' Arrow cache, which the stage "arrow" made
+    spec.load(decode_images=False)  # as encode_shards loads it, from the Arrow cache that "arrow" made
     load_s = time.perf_counter() - start
     folder = encode_shards(spec, vae, args.root, Preprocess(args.image_size, "center_crop", 3), shard_size=4096,
                            batch_size=256, num_workers=args.workers)
@@ -197,7 +197,7 @@ def stage_arrow(args) -> dict:
     baseline, sampler = rss_mb(), Sampler()
     sampler.start()
     start = time.perf_counter()
-    SourceSpec.resolve(args.data).load()
+    SourceSpec.resolve(args.data).load(decode_images=False)
     return {**sampler.stop(), "seconds": time.perf_counter() - start, "baseline_rss_mb": baseline,
             "peak_rss_mb": peak_mb()}
 

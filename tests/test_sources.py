@@ -123,6 +123,11 @@ def test_parquet_file_glob_and_folder(tmp_path):
     assert one.column_names == ["image", "caption", "label"] and len(one) == 7
     assert isinstance(one.features["image"], datasets.Image)  # PNG bytes decoded as images
     np.testing.assert_array_equal(np.asarray(one[2]["image"]), np.asarray(records[2][0]))
+    spec = SourceSpec.resolve(first, **columns)
+    stored = spec.load(decode_images=False)  # the bytes as stored: no cast of every record batch
+    assert stored.features["image"] == datasets.Value("binary") and stored["caption"] == one["caption"]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored[2]["image"]))), np.asarray(records[2][0]))
+    assert spec.fingerprint() == spec.fingerprint(stored)
     for source in (tmp_path / "pq" / "*.parquet", tmp_path / "pq"):
         assert SourceSpec.resolve(source).kind == "parquet"
         both = load_source(source, **columns)

@@ -166,19 +166,25 @@ class _Decoded(torch.utils.data.Dataset):
     """The records as model input, each image decoded and preprocessed where it is read: in a
     DataLoader worker. Item i is {"index": i, "x": [C, H, W], "caption", "label"}, or {"index": i,
     "bad": why} for an image that does not decode, or {"index": i, "error": message} for one that
-    the preprocessing refuses (a wrong size: the user's choice to fix, not a record to skip)."""
+    the preprocessing refuses (a wrong size: the user's choice to fix, not a record to skip). The
+    image column is datasets' `Image` or encoded bytes (`SourceSpec.load(decode_images=False)`)."""
 
     def __init__(self, records, preprocess: Preprocess):
-        self.image = _datasets().Image()  # decodes datasets' {bytes, path} values
-        self.records = records.cast_column("image", _datasets().Image(decode=False))
-        self.preprocess = preprocess
+        if isinstance(records.features["image"], _datasets().Image):  # read its {bytes, path} undecoded
+            records = records.cast_column("image", _datasets().Image(decode=False))
+        self.records, self.preprocess = records, preprocess
+
+    @staticmethod
+    def decode(value) -> Image.Image:
+        """A PIL image from datasets' {bytes, path} value, or from encoded bytes."""
+        return _datasets().Image().decode_example(value if isinstance(value, dict) else {"bytes": value, "path": None})
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _item(self, i: int, image, caption: str, label: int) -> dict:
         try:
-            image = self.image.decode_example(image)
+            image = self.decode(image)
             image.load()
         except UNDECODABLE as err:
             return {"index": i, "bad": f"{type(err).__name__}: {err}"}
@@ -289,12 +295,14 @@ def _encode_todo(records, vae, preprocess: Preprocess, folder: Path, key: str, s
 
 def _load_records(source):
     """(records, source fingerprint) from a `SourceSpec`, or from a `datasets.Dataset` with the
-    columns image, caption and optionally label (what `load_source` returns)."""
+    columns image, caption and optionally label (what `load_source` returns); images of encoded bytes
+    are left so (`_Decoded` decodes them), not cast for every record batch of the table."""
     if isinstance(source, SourceSpec):
-        records = source.load()
+        records = source.load(decode_images=False)
         return records, source.fingerprint(records)
     label = "label" if "label" in source.column_names else None
-    return as_records(source, label_column=label), {"kind": "dataset", "records": source._fingerprint}
+    return as_records(source, label_column=label, decode_images=False), {"kind": "dataset",
+                                                                        "records": source._fingerprint}
 
 
 def resolve_barrier(barrier, world_size: int):
@@ -343,7 +351,8 @@ def encode_shards(source, vae, out_root, preprocess: Preprocess, shard_size: int
         raise ValueError(f"The VAE takes {vae.config.in_channels}-channel images but preprocess gives "
                          f"{preprocess.channels}: set Preprocess(channels={vae.config.in_channels}).")
     if preprocess.resolution is None:  # resize='none': every image must be the size of record 0
-        preprocess = dataclasses.replace(preprocess, resolution=records[0]["image"].size[::-1])
+        first = _Decoded(records, preprocess).records[0]["image"]  # undecoded: {bytes, path} or bytes
+        preprocess = dataclasses.replace(preprocess, resolution=_Decoded.decode(first).size[::-1])
     identity = vae_identity(vae)
     key = encoding_key(identity["weights_hash"], source_fp, preprocess.fingerprint(), dtype_name)
     folder = Path(out_root) / key

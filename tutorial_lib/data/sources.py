@@ -14,11 +14,17 @@ Local sources never touch the network, so they need no offline setting.
 
 `SourceSpec` is the source written down: what `resolve` made of the argument, `load()` to read it,
 and `fingerprint()`, its identity in cache keys: the spec's fields plus datasets' own fingerprint
-of the loaded records. That one covers what can change under an unchanged spec: for local files
-datasets hashes every data file's path and modification time (the images and the metadata file;
-mtimes, not contents, so that a million-image folder is not read to key it: an edit, or a copy
-that does not keep mtimes, gives a new key and a re-encode, never stale latents), for a Hub set its
-revision, and for an in-memory set (the built-ins) the content itself.
+of the records as `load(decode_images=False)` gives them. That one covers what can change under an
+unchanged spec: for local files datasets hashes every data file's path and modification time (the
+images and the metadata file; mtimes, not contents, so that a million-image folder is not read to
+key it: an edit, or a copy that does not keep mtimes, gives a new key and a re-encode, never stale
+latents), for a Hub set its revision, and for an in-memory set (the built-ins) the content itself.
+
+`load()` casts an image column of encoded bytes to `datasets.Image`; `load(decode_images=False)`
+keeps it as stored, bytes for the reader to decode (`data.shards` does). The cast rebuilds each of
+the table's Arrow record batches in memory, and datasets stores image data in batches of 100 rows,
+so cast records hold about 25–30 bytes more per record (25–30 MB for a million, counted again in
+every forked DataLoader worker).
 
 `Preprocess` turns a record's image into float32 [C, H, W] in [-1, 1] by one resize policy.
 """
@@ -122,8 +128,9 @@ class SourceSpec:
             raise FileNotFoundError(f"{text}: no such folder or file.")
         return cls("hub", text, **columns)
 
-    def load(self):
-        """The records as a `datasets.Dataset` with columns image, caption (and label), checked."""
+    def load(self, decode_images: bool = True):
+        """The records as a `datasets.Dataset` with columns image, caption (and label), checked;
+        `decode_images=False` keeps an image column of encoded bytes as bytes (see the module docstring)."""
         datasets = _datasets()
         if self.kind == "builtin":
             raw = BUILTINS[self.location](self.split, self.limit)
@@ -137,7 +144,7 @@ class SourceSpec:
             raw = self._load_from_hub(datasets)
         if self.limit is not None and len(raw) > self.limit:
             raw = raw.select(range(self.limit))
-        return as_records(raw, self.image_column, self.text_column, self.label_column)
+        return as_records(raw, self.image_column, self.text_column, self.label_column, decode_images)
 
     def _load_from_hub(self, datasets):
         try:
@@ -153,9 +160,9 @@ class SourceSpec:
     def fingerprint(self, records=None) -> dict:
         """The spec's fields and datasets' fingerprint of its records, as JSON-ready values.
 
-        `records`: this spec's `load()`, if already at hand (otherwise it is loaded).
+        `records`: this spec's `load(decode_images=False)`, if already at hand (otherwise it is loaded).
         """
-        records = self.load() if records is None else records
+        records = self.load(decode_images=False) if records is None else records
         return {**dataclasses.asdict(self), "records": records._fingerprint}
 
 
@@ -166,9 +173,10 @@ def load_source(source, split: str = "train", image_column: str = "image", text_
     return SourceSpec.resolve(source, split, image_column, text_column, label_column, limit).load()
 
 
-def _as_images(dataset, column: str):
+def _as_images(dataset, column: str, decode: bool = True):
     """`dataset` with `column` decoded as images: encoded bytes (a binary column, or datasets'
-    {bytes, path} struct as plain parquet stores it) are cast; anything else is an error."""
+    {bytes, path} struct as plain parquet stores it) are cast, a binary column only if `decode`;
+    anything else is an error."""
     datasets = _datasets()
     feature = dataset.features[column]
     if isinstance(feature, datasets.Image):
@@ -178,6 +186,8 @@ def _as_images(dataset, column: str):
     if not (is_bytes or is_struct):
         raise ValueError(f"Column {column!r} holds {feature}, not images; name the image column "
                          "with image_column=...")
+    if is_bytes and not decode:
+        return dataset
     return dataset.cast_column(column, datasets.Image())
 
 
@@ -196,17 +206,17 @@ def _column(dataset, column: str, chunk: int = 65_536):
 
 
 def as_records(dataset, image_column: str = "image", text_column: str = "caption",
-               label_column: str | None = None):
+               label_column: str | None = None, decode_images: bool = True):
     """`dataset` reduced to the columns image, caption (and label), renamed so, after checking
     that they exist, that the images are images, the labels integers, and that every caption has a
-    word in it."""
+    word in it. `decode_images=False` keeps an image column of encoded bytes as bytes."""
     roles = {"image": image_column, "caption": text_column, "label": label_column}
     for role, column in roles.items():
         if column is not None and column not in dataset.column_names:
             argument = {"image": "image_column", "caption": "text_column", "label": "label_column"}[role]
             raise ValueError(f"The dataset has no {role} column {column!r}; its columns are "
                              f"{dataset.column_names}. Name the right one with {argument}=...")
-    dataset = _as_images(dataset, image_column)
+    dataset = _as_images(dataset, image_column, decode_images)
     if label_column is not None and not _holds_integers(dataset.features[label_column]):
         raise ValueError(f"Column {label_column!r} holds {dataset.features[label_column]}; labels are "
                          "integers (a ClassLabel or an integer column).")

@@ -106,12 +106,18 @@ def _shard_problem(path: Path, key: str, captions_hash: str, count: int) -> str 
 def _encode_shard(part: list[str], encoder: TextEncoder, batch_size: int, dtype: torch.dtype) -> tuple[dict, int]:
     """The shard's tensors for captions `part`, and its longest real caption length."""
     distinct, rows = _distinct(part)
-    with torch.no_grad():
-        embs = [encoder.encode(distinct[i:i + batch_size]) for i in range(0, len(distinct), batch_size)]
+    with torch.no_grad():  # each batch's tokens [b, L_b, D] go to the storage dtype at once
+        embs = [TextEmbedding(e.tokens.to(dtype), e.mask) for e in
+                (encoder.encode(distinct[i:i + batch_size]) for i in range(0, len(distinct), batch_size))]
     length = max(e.tokens.shape[1] for e in embs)
-    tokens = torch.cat([torch.nn.functional.pad(e.tokens, (0, 0, 0, length - e.tokens.shape[1])).to(dtype)
-                        for e in embs])  # [m, L_s, D], still on the encoder's device
-    mask = torch.cat([torch.nn.functional.pad(e.mask, (0, length - e.mask.shape[1])) for e in embs])
+    # [m, L_s, D] and [m, L_s] on the encoder's device, zero-padded and filled in place: no padded copies
+    tokens = embs[0].tokens.new_zeros(len(distinct), length, embs[0].tokens.shape[2])
+    mask = embs[0].mask.new_zeros(len(distinct), length)
+    start = 0
+    for e in embs:
+        tokens[start:start + len(e.tokens), :e.tokens.shape[1]] = e.tokens
+        mask[start:start + len(e.mask), :e.mask.shape[1]] = e.mask
+        start += len(e.tokens)
     tokens, mask = tokens.cpu().contiguous(), check_mask(mask.cpu().contiguous())  # one copy per shard
     return {"tokens": tokens, "mask": mask, "row": rows}, int(mask.sum(1).max())
 
