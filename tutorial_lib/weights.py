@@ -167,5 +167,5 @@ def asset(name: str) -> Path:
     path = ASSETS_DIR / name
     if not path.exists():
         raise WeightsError(f"Shipped weights {path} are missing; reinstall tutorial_lib or "
-                           "retrain them with the command in README.md ('Shipped weights').")
+                           "retrain them with the command in docs/shipped_weights.md.")
     return path
