@@ -1,74 +1,112 @@
-"""Every exercise's worked solution (notebooks/solutions/) passes its check; an unattempted answer is
-reported as such, and a wrong one fails."""
+"""Every exercise, three answers through its check: the worked solution (notebooks/solutions/) passes,
+the library's own function given as the answer is refused, and a planted bug fails with a hint that
+points at it. The notebooks end with exactly these exercises, in this order."""
 
-import importlib.util
+import importlib
+import json
+import pkgutil
+import re
 from pathlib import Path
 
 import pytest
 
-from tutorial_lib.exercises import data, dit, edm, moe, sampling, targets, vae, zoo
+from . import exercise_answers
+from .exercise_answers import SOLUTIONS, solutions
 
-SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-
-
-def solutions(name: str):
-    spec = importlib.util.spec_from_file_location(name, SOLUTIONS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BY_NOTEBOOK = {  # notebook -> its exercises' (check, solution function), in the notebook's order
-    "00_setup_and_data": [(data.check_to_model_images, "to_model_images_from_scratch"),
-                          (data.check_class_means, "class_means")],
-    "01_fmnist_latents_tiny_transformer": [(sampling.check_ddim_step, "ddim_step_from_scratch"),
-                                           (sampling.check_guidance, "guided")],
-    "02_the_full_vae": [(vae.check_reparameterize, "reparameterize"), (vae.check_psnr, "psnr_from_scratch")],
-    "03_dit_classifier_free_guidance": [(dit.check_patchify, "patchify"),
-                                        (dit.check_best_scale_by_fid, "best_scale_by_fid")],
-    "04_targets_schedules_samplers": [(targets.check_flow_to_eps, "flow_to_eps"),
-                                      (targets.check_min_snr_v, "min_snr_weight_v")],
-    "05_edm": [(edm.check_karras_grid, "karras_grid"), (edm.check_heun, "heun_from_euler")],
-    "06_moe_at_scale": [(moe.check_switch_routing, "switch_from_scratch"), (moe.check_balancing_loss, "balancing_loss"),
-                        (moe.check_moe_flops, "moe_flops")],
-    "07_architectures": [(zoo.check_adaln_single_saving, "adaln_single_saving"),
-                         (zoo.check_lora_parameters, "lora_parameters")],
-}
-EXERCISES = [(notebook, check, solution) for notebook, pairs in BY_NOTEBOOK.items() for check, solution in pairs]
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+BY_NOTEBOOK = {}  # notebook stem -> its exercises, in the notebook's order
+for info in pkgutil.iter_modules(exercise_answers.__path__):
+    module = importlib.import_module(f"{exercise_answers.__name__}.{info.name}")
+    BY_NOTEBOOK[module.NOTEBOOK] = module.EXERCISES
+EXERCISES = [(notebook, e) for notebook, exercises in sorted(BY_NOTEBOOK.items()) for e in exercises]
+IDS = [e.solution for _, e in EXERCISES]
 
 
-@pytest.mark.parametrize("notebook, check, solution", EXERCISES, ids=[s for _, _, s in EXERCISES])
-def test_the_worked_solution_passes_its_check(notebook, check, solution):
-    assert check(getattr(solutions(notebook), solution)) is True
+@pytest.mark.parametrize("notebook, exercise", EXERCISES, ids=IDS)
+def test_the_worked_solution_passes_its_check(notebook, exercise, capsys):
+    assert exercise.check(getattr(solutions(notebook), exercise.solution)) is True, capsys.readouterr().out
 
 
-@pytest.mark.parametrize("notebook, check, solution", EXERCISES, ids=[s for _, _, s in EXERCISES])
-def test_an_unattempted_answer_is_not_attempted_and_a_wrong_one_fails(notebook, check, solution, capsys):
-    def stub(*args):
+@pytest.mark.parametrize("notebook, exercise", EXERCISES, ids=IDS)
+def test_the_library_shortcut_is_refused(notebook, exercise, capsys):
+    assert exercise.check.refuses, "the check names no library function to refuse"
+    assert exercise.check(exercise.shortcut) is False
+    assert "refused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("notebook, exercise", EXERCISES, ids=IDS)
+def test_a_planted_bug_fails_with_a_hint_that_points_at_it(notebook, exercise, capsys):
+    assert exercise.check(exercise.bug) is False
+    out = capsys.readouterr().out
+    assert "not yet" in out and exercise.hint.lower() in out.lower(), out
+
+
+@pytest.mark.parametrize("notebook, exercise", EXERCISES, ids=IDS)
+def test_an_unattempted_answer_is_reported_as_such(notebook, exercise, capsys):
+    def stub(*args, **kwargs):
         raise NotImplementedError
 
-    assert check(stub) is None and "not attempted" in capsys.readouterr().out
-    right = getattr(solutions(notebook), solution)
-    assert check(lambda *args: 2 * right(*args)) is False and "not yet" in capsys.readouterr().out
+    assert exercise.check(stub) is None and "not attempted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("notebook, exercise", EXERCISES, ids=IDS)
+def test_the_refused_functions_are_restored_after_the_check(notebook, exercise):
+    import inspect
+
+    from tutorial_lib.exercises import _innermost, _refused
+
+    exercise.check(exercise.shortcut)
+    for target in exercise.check.refuses:
+        if isinstance(target, tuple):
+            assert inspect.getattr_static(*target) is not _refused
+        else:
+            assert _innermost(target).__code__ is not _refused.__code__
 
 
 def test_every_solutions_file_has_its_exercises_listed():
     for path in SOLUTIONS.glob("*.py"):
         module = solutions(path.stem)
         public = {n for n, v in vars(module).items() if callable(v) and getattr(v, "__module__", None) == path.stem}
-        assert public == {solution for _, solution in BY_NOTEBOOK.get(path.stem, [])}, path.name
+        assert public == {e.solution for e in BY_NOTEBOOK.get(path.stem, [])}, path.name
+
+
+def _cells(notebook):
+    cells = json.loads((NOTEBOOKS / f"{notebook}.ipynb").read_text())["cells"]
+    return [(c["cell_type"], "".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in cells]
+
+
+def test_every_notebook_has_exercises():
+    stems = {p.stem for p in NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb")}
+    assert stems == set(BY_NOTEBOOK), stems ^ set(BY_NOTEBOOK)
 
 
 @pytest.mark.parametrize("notebook", sorted(BY_NOTEBOOK))
 def test_a_notebook_ends_with_its_exercises_and_calls_every_check(notebook):
-    """2 to 4 exercises, each a cell to complete and a check cell, after everything else; the checks
-    the notebook calls are exactly those CI runs the solutions through."""
-    import json
-    import re
+    """2 exercises for the setup notebook, 3 or 4 for the others, each a cell to complete and a check
+    cell, after everything else; the checks the notebook calls are exactly those CI runs the three
+    answers through; at least one asks for a prediction before the measurement."""
+    cells = _cells(notebook)
+    start = next(i for i, (_, s) in enumerate(cells) if s.startswith("## Exercises"))
+    called = [m for _, s in cells[start:] for m in re.findall(r"^(check_\w+)\(", s, re.M)]
+    exercises = BY_NOTEBOOK[notebook]
+    assert called == [e.check.__name__ for e in exercises]
+    assert len(called) == 2 if notebook.startswith("00") else 3 <= len(called) <= 4
+    assert not any(re.search(r"^(check_\w+)\(", s, re.M) for _, s in cells[:start])
+    predicted = [e for e in exercises if e.predicts]
+    if not notebook.startswith("00"):
+        assert predicted, f"{notebook}: no exercise asks for a prediction before a measurement"
+    statements = "\n".join(s for kind, s in cells[start:] if kind == "markdown").lower()
+    assert not predicted or "predict" in statements
 
-    cells = json.loads((SOLUTIONS.parent / f"{notebook}.ipynb").read_text())["cells"]
-    source = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells]
-    start = next(i for i, s in enumerate(source) if s.startswith("## Exercises"))
-    called = [m for s in source[start:] for m in re.findall(r"^(check_\w+)\(", s, re.M)]
-    assert called == [check.__name__ for check, _ in BY_NOTEBOOK[notebook]] and 2 <= len(called) <= 4
-    assert not any(re.search(r"^(check_\w+)\(", s, re.M) for s in source[:start])
+
+def test_refusing_swaps_code_and_restores_it():
+    """The mechanism itself: a function is refused under every name it was imported as, and restored."""
+    from tutorial_lib.diffusion.edm import karras_sigmas as imported
+    from tutorial_lib.exercises import REFUSED, refusing
+
+    from tutorial_lib.diffusion import edm
+
+    with refusing(edm.karras_sigmas):
+        with pytest.raises(RuntimeError, match=REFUSED):
+            imported(4, 0.002, 80.0)
+    assert imported(4, 0.002, 80.0).shape == (5,)

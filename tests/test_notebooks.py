@@ -148,20 +148,80 @@ def _measured_cells(nb: dict) -> list[str]:
                  or "What the committed default run measured" in _source(c))]
 
 
+FIELD_END = re.compile(r"\s{2,}|\t|\||:\s")  # where an output row's first field (its label) ends
+LABEL_TOKEN = re.compile(r"[A-Za-z][\w\-]*|(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d.])|(?<![\d.,])\d+(?:\.\d+)?(?![\d.,]\d)")
+
+
+def _tokens(text: str) -> set[str]:
+    return {t.lower().replace(",", "") for t in LABEL_TOKEN.findall(text)}
+
+
+def _prose_units(text: str):
+    """Sentences of the prose, and each row of a markdown table as one unit."""
+    for line in text.splitlines():
+        if line.lstrip().startswith("|"):
+            yield line
+        else:
+            yield from re.split(r"(?<=[.!?])\s+", line)
+
+
+def _row_label(line: str, start: int) -> set[str]:
+    """The label of the figure at line[start:]: the tokens of the row's first field (a table's first
+    cell, the text before "  " or ": "); the figure itself when it is that whole field (a sweep's
+    "| 1.5 | ..." row); or, when it sits later in the first field, the word just before it
+    ("reals baseline FID 0.316" -> {"fid"})."""
+    body = line.lstrip(" |")
+    offset = len(line) - len(body)
+    end = FIELD_END.search(body)
+    first_end = offset + (end.start() if end else len(body))
+    if start >= first_end:
+        return _tokens(line[offset:first_end])
+    if _tokens(line[offset:first_end]) == _tokens(line[start:first_end]):  # the figure is the row's label
+        return _tokens(line[start:first_end])
+    before = LABEL_TOKEN.findall(line[offset:start])
+    return _tokens(before[-1]) if before else set()
+
+
+def unlabelled_figures(prose: list[str], outputs: str) -> list[str]:
+    """Each decimal quoted in the prose must appear in an output row whose label the same sentence
+    (or table row) also names: "FID 0.45 for `v_minsnr` at NFE 5" is matched by the row that starts
+    `v_minsnr`, not by another row that happens to print 0.45. Returns the figures that are not."""
+    rows = outputs.splitlines()
+    missing = []
+    for text in prose:
+        for unit in _prose_units(text):
+            words = _tokens(unit)
+            for n in PROSE_NUMBER.findall(unit):
+                figure = re.compile(r"(?<![\d.])" + re.escape(n) + r"(?!\d)")
+                labels = [_row_label(row, m.start()) for row in rows for m in figure.finditer(row)]
+                if not any(label and label <= words for label in labels):
+                    shown = "; ".join(sorted({" ".join(sorted(lab)) or "(no label)" for lab in labels})[:3])
+                    missing.append(f"{n} in {unit.strip()[:90]!r}: "
+                                   + (f"printed only under the labels [{shown}]" if labels else "not in the outputs"))
+    return missing
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_the_measured_numbers_in_the_prose_are_in_the_outputs(path):
+def test_the_measured_numbers_in_the_prose_are_in_the_outputs_with_their_labels(path):
     """The markdown cells tagged "measured" (and any "What the committed default run measured" cell)
-    are written from the committed run: every decimal they quote appears in that run's outputs (a rerun
-    that changes a figure, or a figure quoted from elsewhere, fails here until the prose is rewritten).
-    Every notebook that measures something has such cells."""
+    are written from the committed run: every decimal they quote appears in that run's outputs, in a
+    row whose label the same sentence names (see `unlabelled_figures`). A rerun that changes a figure,
+    a figure quoted from elsewhere, or one quoted for the wrong row fails here until the prose is
+    rewritten. Every notebook that measures something has such cells."""
     nb = json.loads(path.read_text())
     cells = _measured_cells(nb)
     if path.name[:2] != "00":  # the data tour quotes counts, not measurements
         assert cells, f"{path.name}: no markdown cell is tagged {MEASURED_TAG!r}"
-    outputs = _outputs_text(nb)
-    for text in cells:
-        missing = [n for n in PROSE_NUMBER.findall(text) if n not in outputs]
-        assert not missing, f"{path.name}: {missing} quoted in the prose but not in the outputs"
+    missing = unlabelled_figures(cells, _outputs_text(nb))
+    assert not missing, f"{path.name}: figures without their row in the outputs:\n" + "\n".join(missing)
+
+
+def test_a_figure_quoted_for_another_row_fails():
+    outputs = "| model | FID |\n| `v` | 0.52 |\n| `v_minsnr` | 0.45 |\nreals baseline FID 0.316\n"
+    assert not unlabelled_figures(["`v_minsnr` reaches 0.45, plain `v` 0.52 (reals baseline FID 0.316)."], outputs)
+    assert unlabelled_figures(["Plain `v` reaches 0.45."], outputs)
+    assert unlabelled_figures(["The baseline is 0.316."], outputs)  # printed after "FID", not named
+    assert unlabelled_figures(["`v` reaches 0.47."], outputs)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -7,7 +7,7 @@ import torch
 from . import exercise_check
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_patchify(answer) -> str | None:
     """answer(x [B, C, H, W], p) -> [B, (H/p)(W/p), p*p*C], patches in raster order, each flattened as
     (row in patch, column in patch, channel): the inverse of the DiT's unpatchify."""
@@ -25,7 +25,7 @@ def check_patchify(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_best_scale_by_fid(answer) -> str | None:
     """answer(sweep: list of {"guidance_scale", "class_accuracy", "fid"}) -> the scale with the lowest FID
     (ties: the higher accuracy)."""

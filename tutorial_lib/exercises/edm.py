@@ -9,7 +9,7 @@ from ..diffusion.samplers import sample_edm_heun
 from . import exercise_check
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_karras_grid(answer) -> str | None:
     """answer(steps, sigma_min, sigma_max, rho) -> steps + 1 levels, ending in 0 (Karras et al., eq. 5)."""
     for steps, rho in [(18, 7.0), (5, 1.0), (10, 3.0)]:
@@ -22,7 +22,7 @@ def check_karras_grid(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_heun(answer) -> str | None:
     """answer(denoiser, x [B, ...] at sigmas[0], sigmas) -> x at 0: Heun's method in sigma (no churn),
     an Euler step onto sigma = 0."""

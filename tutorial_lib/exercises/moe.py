@@ -9,7 +9,7 @@ from ..models.moe import TokenChoiceMoE
 from . import exercise_check
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_switch_routing(answer) -> str | None:
     """answer(layer, x [B, N, D]) -> [B, N, D]: top-1 token choice with capacity, as TokenChoiceMoE(top_k=1)."""
     torch.manual_seed(0)
@@ -27,7 +27,7 @@ def check_switch_routing(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_balancing_loss(answer) -> str | None:
     """answer(probs [B, N, E], picks [B, N] expert index per token) -> L_aux = E sum_e f_e P_e (a scalar)."""
     g = torch.Generator().manual_seed(0)
@@ -43,7 +43,7 @@ def check_balancing_loss(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_moe_flops(answer) -> str | None:
     """answer(n, d, mlp_hidden, num_experts, capacity_factor) -> forward FLOPs of one expert-choice MoE
     layer (router and experts, 2 per multiply-add), as `dit_cost` counts them."""

@@ -9,7 +9,7 @@ from ..diffusion.schedules import COSINE
 from . import exercise_check
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_ddim_step(answer) -> str | None:
     """answer(x_t, x0_hat, alpha_t, sigma_t, alpha_s, sigma_s) -> x_s, deterministic DDIM (eta = 0)."""
     g = torch.Generator().manual_seed(0)
@@ -24,7 +24,7 @@ def check_ddim_step(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_guidance(answer) -> str | None:
     """answer(conditional, unconditional, w) -> the guided prediction."""
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ from ..diffusion.schedules import COSINE, FLOW
 from . import exercise_check
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_flow_to_eps(answer) -> str | None:
     """answer(u, x_t, t) -> eps, on the flow path x_t = (1 - t) x0 + t eps, u = eps - x0."""
     g = torch.Generator().manual_seed(0)
@@ -24,7 +24,7 @@ def check_flow_to_eps(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_min_snr_v(answer) -> str | None:
     """answer(alpha, sigma, gamma) -> the min-SNR-gamma weight of a v-prediction loss on a VP schedule."""
     t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)

@@ -8,7 +8,7 @@ from ..eval.reconstruction import psnr
 from . import exercise_check
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_reparameterize(answer) -> str | None:
     """answer(mean, logvar, noise) -> a sample of N(mean, exp(logvar)) built from the standard-normal `noise`."""
     g = torch.Generator().manual_seed(0)
@@ -22,7 +22,7 @@ def check_reparameterize(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_psnr(answer) -> str | None:
     """answer(x, x_hat), images in [-1, 1] -> PSNR in dB measured on pixels in [0, 1] (as the course's)."""
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ from ..models.dit import DiT, DiTConfig, dit_cost
 from . import exercise_check
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_adaln_single_saving(answer) -> str | None:
     """answer(cfg: DiTConfig) -> the parameters adaLN-single removes from that DiT (an int)."""
     for cfg in (DiTConfig(), DiTConfig(hidden_size=384, depth=12, num_heads=6, cross_attention=False),
@@ -22,7 +22,7 @@ def check_adaln_single_saving(answer) -> str | None:
     return None
 
 
-@exercise_check
+@exercise_check(refuses=[])
 def check_lora_parameters(answer) -> str | None:
     """answer(denoiser, rank, targets) -> the weights a LoRA adapter of that rank on those layers trains."""
     from ..train.lora import LoRAConfig, add_lora, trainable_share
