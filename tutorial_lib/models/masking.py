@@ -4,6 +4,9 @@ masking in micro_diffusion, Sehwag et al., 2024).
 A transformer's cost grows with its tokens, so training on a random 25% of each image's patches
 costs about a quarter per block. The DiT's blocks then see only the kept tokens, and the loss is
 computed on the kept patches only: the network never has to guess a patch it was not shown.
+MaskDiT goes further: learned mask tokens fill the masked places, a small decoder runs on all
+patches, and an MAE loss reconstructs the masked patches of the noisy input. This variant has no
+decoder, no mask token (zeros, which the loss ignores) and no reconstruction loss.
 
 Masking every patch's token right after the patch embedding hides most of the image from every
 block. Deferred masking runs a light patch-mixer (a few transformer blocks) on all N tokens first,
