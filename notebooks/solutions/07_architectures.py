@@ -3,16 +3,24 @@
 import math
 
 import torch
+import torch.nn.functional as F
+
+from tutorial_lib.models.layers import apply_rope
 
 
-def masked_joint_attention(q, k, v, text_mask):
-    """Keys [text; image]: the caption's mask, then True for every image token; hidden keys get score
-    -inf, so their softmax weight is exactly 0. A padding query still sees the real keys (no NaN)."""
-    n_image = q.shape[2] - text_mask.shape[1]
-    visible = torch.cat([text_mask, text_mask.new_ones(len(text_mask), n_image)], dim=1)  # [B, L + N]
+def single_stream(block, x, c, rope, mask):
+    """Flux's parallel block: one projection gives q, k, v and the MLP's hidden layer u; attention and
+    GELU(u) side by side go through one output projection, gated, onto x."""
+    d, heads = x.shape[-1], block.heads
+    shift, scale, gate = block.adaLN_modulation(c).chunk(3, dim=-1)  # 3 x [B, D]
+    h = F.layer_norm(x, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    qkv, u = block.linear1(h).split([3 * d, block.mlp_hidden], dim=-1)
+    q, k, v = qkv.unflatten(-1, (3, heads, d // heads)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, S, d/H]
+    q, k = apply_rope(block.qk_norm.q_norm(q), *rope), apply_rope(block.qk_norm.k_norm(k), *rope)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, S, S]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))  # hide columns (keys), not rows
-    return scores.softmax(-1) @ v
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # padding hidden as keys
+    attn = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)  # [B, S, D]
+    return x + gate[:, None] * block.linear2(torch.cat([attn, F.gelu(u, approximate="tanh")], dim=-1))
 
 
 def rope_2d_rotate(x, rows, cols, theta=10_000.0):

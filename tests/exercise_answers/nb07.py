@@ -1,11 +1,9 @@
 """Notebook 07's exercises: the shortcut and a planted bug for each."""
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 from tutorial_lib.models.layers import apply_rope
-from tutorial_lib.models.mmdit import joint_attention, joint_mask
 from tutorial_lib.exercises import zoo
 
 from . import Exercise
@@ -13,16 +11,19 @@ from . import Exercise
 NOTEBOOK = "07_architectures"
 
 
-def _library_joint_attention(q, k, v, text_mask):
-    no_rope = (torch.ones(q.shape[2], q.shape[3]), torch.zeros(q.shape[2], q.shape[3]))
-    out = joint_attention(q, k, v, no_rope, joint_mask(text_mask, q.shape[2] - text_mask.shape[1]))
-    return out.unflatten(-1, (q.shape[1], -1)).transpose(1, 2)
+def _library_block(block, x, c, rope, mask):
+    return block(x, c, rope, mask)
 
 
-def _padding_hidden_as_queries(q, k, v, text_mask):  # masks rows (queries): a padding query's row is all -inf
-    visible = torch.cat([text_mask, text_mask.new_ones(len(text_mask), q.shape[2] - text_mask.shape[1])], dim=1)
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~visible[:, None, :, None], float("-inf"))
-    return scores.softmax(-1) @ v
+def _exact_gelu(block, x, c, rope, mask):  # the MLP branch with exact GELU, not Flux's tanh approximation
+    d = x.shape[-1]
+    shift, scale, gate = block.adaLN_modulation(c).chunk(3, dim=-1)
+    h = F.layer_norm(x, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    qkv, u = block.linear1(h).split([3 * d, block.mlp_hidden], dim=-1)
+    q, k, v = qkv.unflatten(-1, (3, block.heads, -1)).permute(2, 0, 3, 1, 4)
+    q, k = apply_rope(block.qk_norm.q_norm(q), *rope), apply_rope(block.qk_norm.k_norm(k), *rope)
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]).transpose(1, 2).flatten(2)
+    return x + gate[:, None] * block.linear2(torch.cat([attn, F.gelu(u)], dim=-1))
 
 
 def _library_rope(x, rows, cols, theta=10_000.0):  # the library's rotation, given the angles
@@ -53,8 +54,7 @@ def _unscaled(layer):  # forgets alpha / r
 
 
 EXERCISES = [
-    Exercise(zoo.check_masked_joint_attention, "masked_joint_attention", shortcut=_library_joint_attention,
-             bug=_padding_hidden_as_queries, hint="as keys"),
+    Exercise(zoo.check_single_stream_block, "single_stream", shortcut=_library_block, bug=_exact_gelu, hint="tanh"),
     Exercise(zoo.check_rope_2d, "rope_2d_rotate", shortcut=_library_rope, bug=_row_only, hint="with the column"),
     Exercise(zoo.check_merge_lora, "merge_lora", shortcut=_peft_merge, bug=_unscaled, hint="alpha / r", predicts=True),
 ]

@@ -1,5 +1,5 @@
-"""Notebook 07's exercises: MMDiT's joint attention with the caption's padding hidden, 2D RoPE, and
-folding a LoRA adapter into its weight (with a prediction of how far training moved the weights)."""
+"""Notebook 07's exercises: Flux's single-stream block, 2D RoPE, and folding a LoRA adapter into its
+weight (with a prediction of how far training moved the weights)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..models.layers import apply_rope, rope_2d
-from ..models.mmdit import joint_attention, joint_mask
+from ..models.mmdit import MMDiTConfig, SingleStreamBlock, joint_attention
 from ..train.lora import load_lora
 from . import exercise_check
 
@@ -27,58 +27,79 @@ def _close(got, want, rtol=1e-5, atol=1e-5) -> bool:
         torch.allclose(got.double(), want.double(), rtol=rtol, atol=atol * max(1.0, want.abs().max().item()))
 
 
-# ----------------------------------------------------------------------------- 1 · joint attention
 def _attend_to(q, k, v, keys):
-    """softmax(q k^T / sqrt(d)) v for one batch element, over the key indices `keys` only (the
-    reference: the hidden keys are left out, not masked)."""
+    """softmax(q k^T / sqrt(d)) v for one batch element, over the key indices `keys` only (the hidden keys
+    are left out, not masked)."""
     k, v = k[:, keys], v[:, keys]  # [H, S_keys, d]
     return (q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v.double()
 
 
-def _joint_reference(q, k, v, visible):
-    """The joint attention computed batch element by batch element over the keys where visible [B, S]."""
-    return torch.stack([_attend_to(q[b], k[b], v[b], visible[b].nonzero().flatten()) for b in range(len(q))])
+# ----------------------------------------------------------------------------- 1 · single-stream block
+def _single_stream_reference(block, x, c, positions, mask, one_plus=True, tanh=True, rope=True, qk_norm=True):
+    """Flux's single-stream block from its weights, in float64: the keys hidden by `mask` [B, S] are left
+    out of each softmax, RoPE is the complex-number form at `positions` (rows, cols [S])."""
+    f = torch.nn.functional
+    x, c = x.double(), c.double()
+    w = {name: p.detach().double() for name, p in block.named_parameters()}
+    d, heads, m = x.shape[-1], block.heads, block.mlp_hidden
+    shift, scale, gate = f.linear(f.silu(c), w["adaLN_modulation.1.weight"], w["adaLN_modulation.1.bias"]).chunk(3, -1)
+    h = f.layer_norm(x, (d,), eps=1e-6) * ((1 + scale) if one_plus else scale)[:, None] + shift[:, None]
+    qkv, u = f.linear(h, w["linear1.weight"], w["linear1.bias"]).split([3 * d, m], dim=-1)
+    q, k, v = qkv.unflatten(-1, (3, heads, d // heads)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, S, d/H]
+    if qk_norm:
+        rms = lambda t, g: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * g  # noqa: E731
+        q, k = rms(q, w["qk_norm.q_norm.weight"]), rms(k, w["qk_norm.k_norm.weight"])
+    if rope:
+        q, k = _rope_reference(q, *positions, 10_000.0), _rope_reference(k, *positions, 10_000.0)
+    attn = torch.stack([_attend_to(q[b], k[b], v[b], mask[b].nonzero().flatten()) for b in range(len(x))])
+    attn = attn.transpose(1, 2).flatten(2)  # [B, S, D]
+    mlp = f.gelu(u, approximate="tanh" if tanh else "none")
+    return x + gate[:, None] * f.linear(torch.cat([attn, mlp], dim=-1), w["linear2.weight"], w["linear2.bias"])
 
 
-@exercise_check(refuses=[joint_mask, joint_attention])
-def check_masked_joint_attention(answer) -> str | None:
-    """answer(q, k, v [B, H, L + N, d] over [text; image], text_mask [B, L] bool) -> [B, H, L + N, d]."""
+@exercise_check(refuses=[(SingleStreamBlock, "forward"), joint_attention])
+def check_single_stream_block(answer) -> str | None:
+    """answer(block: a SingleStreamBlock, x [B, L + N, D], c [B, D], rope (cos, sin) [L + N, d], mask [B, L + N])
+    -> the block's output [B, L + N, D]."""
     g = torch.Generator().manual_seed(0)
-    for batch, heads, length, n, d in ((3, 2, 5, 4, 8), (2, 4, 7, 16, 16), (4, 1, 3, 9, 4)):
-        q, k, v = (torch.randn(batch, heads, length + n, d, generator=g) for _ in range(3))
-        text_mask = torch.ones(batch, length, dtype=torch.bool)
-        text_mask[1, length // 2:] = False  # padding at the end of the second caption
-        if batch > 2:
-            text_mask[2, 1:] = False  # a caption of one real token
-        images = text_mask.new_ones(batch, n)
-        visible = torch.cat([text_mask, images], dim=1)  # [B, L + N]: the caption's real tokens, every image token
-        want = _joint_reference(q, k, v, visible)
-        got = answer(q, k, v, text_mask)
+    for cfg, (length, h, w) in ((MMDiTConfig(hidden_size=32, num_heads=2), (5, 3, 3)),
+                                (MMDiTConfig(hidden_size=64, num_heads=4, mlp_ratio=2.0), (7, 2, 4))):
+        block = SingleStreamBlock(cfg)
+        with torch.no_grad():
+            for p in block.parameters():  # every weight random, the modulation included (a fresh one is zero)
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]) + (p.dim() == 1) * 0.5)
+        n, d = h * w, cfg.hidden_size
+        x, c = torch.randn(2, length + n, d, generator=g), torch.randn(2, d, generator=g)
+        cos, sin = rope_2d(h, w, cfg.head_dim)
+        rope = (torch.cat([torch.ones(length, cfg.head_dim), cos]), torch.cat([torch.zeros(length, cfg.head_dim), sin]))
+        rows = torch.cat([torch.zeros(length), torch.arange(n) // w]).double()  # the text at (0, 0)
+        cols = torch.cat([torch.zeros(length), torch.arange(n) % w]).double()
+        mask = torch.ones(2, length + n, dtype=torch.bool)
+        mask[1, length - 2:length] = False  # the second caption has 2 padding tokens
+        want = _single_stream_reference(block, x, c, (rows, cols), mask)
+        with torch.no_grad():
+            got = answer(block, x, c, rope, mask)
         if _close(got, want):
-            noisy_k, noisy_v = k.clone(), v.clone()
-            b_hidden, s_hidden = (~visible).nonzero(as_tuple=True)
-            noisy_k[b_hidden, :, s_hidden], noisy_v[b_hidden, :, s_hidden] = 100.0, -100.0
-            if not _close(answer(q, noisy_k, noisy_v, text_mask), want):
-                return ("the output changes when the padding tokens' keys and values change: what sits behind "
-                        "the mask must not reach any token.")
             continue
         got = torch.as_tensor(got)
         if got.shape != want.shape:
-            return f"the output should have the shape of q, {tuple(want.shape)}, got {tuple(got.shape)}."
-        if not torch.isfinite(got).all():
-            return ("NaN in the output: a whole row of scores was hidden. Hide the padding tokens as keys (the "
-                    "last dimension of the scores, mask[:, None, None, :]), never as queries: a padding query "
-                    "still attends to the real tokens.")
-        if _close(got, _joint_reference(q, k, v, torch.ones_like(visible))):
-            return "the padding keys are still attended to: hide the keys where text_mask is False."
-        if _close(got, _joint_reference(q, k, v, torch.cat([text_mask, ~images], dim=1))):
-            return ("the image tokens are hidden too: they are never padding, so extend the caption's mask with "
-                    "True for the N image tokens.")
-        if _close(got, _joint_reference(q, k, v, torch.cat([images, text_mask], dim=1))):
-            return "the sequence is [text; image]: the caption's mask comes first, then the N image tokens."
-        return (f"for L = {length} text and N = {n} image tokens, the outputs differ from the reference by up to "
-                f"{(got.double() - want).abs().max().item():.2e}. Scale the scores by 1 / sqrt(d) and take the softmax "
-                "over the keys (the last dimension).")
+            return f"the output has the shape of x, {tuple(want.shape)}, got {tuple(got.shape)}."
+        for problem, flags in (("modulate with (1 + scale): modulate(LN(x), shift, scale) = LN(x) (1 + scale) + shift.",
+                                {"one_plus": False}),
+                               ("the MLP branch's GELU is the tanh approximation, F.gelu(u, approximate=\"tanh\").",
+                                {"tanh": False}),
+                               ("rotate q and k by RoPE (apply_rope with the given cos, sin) after the QK-norm.",
+                                {"rope": False}),
+                               ("normalise each head's q and k with block.qk_norm (RMSNorm) before RoPE.",
+                                {"qk_norm": False})):
+            if _close(got, _single_stream_reference(block, x, c, (rows, cols), mask, **flags)):
+                return problem
+        if _close(got, _single_stream_reference(block, x, c, (rows, cols), torch.ones_like(mask))):
+            return "the padding keys are attended to: hide the keys where mask is False (mask[:, None, None, :])."
+        return (f"for D = {d}, {cfg.num_heads} heads: differs from the reference by up to "
+                f"{(got.double() - want).abs().max().item():.2e}. linear1's output is [q, k, v, u] (3D, then the MLP's "
+                "hidden width), the heads split as mmdit.split_heads does, and the gate multiplies linear2 of "
+                "[attention output; GELU(u)], added to x.")
     return None
 
 
