@@ -14,8 +14,11 @@ a token with g near 0 simply keeps its state. `compute_fractions` measures it fo
 The idea is adaptive computation per token: Adaptive Computation Time (Graves, 2016) halts each token's
 recurrence by a learned probability; Universal Transformers (Dehghani et al., 2019) share one block's
 weights across steps; Mixture-of-Depths (Raposo et al., 2024) lets tokens skip a block's compute on the
-residual. The name and the update above are the course issue's; the refinement's output projection is
-zero-initialised, so a fresh Integrator is the identity (`DiT.initialize_weights`).
+residual. The name and the gated update come from one small public project, not a paper: INL-Diffusion
+(github.com/Web3-League/inl-diffusion), whose IntegratorNeuron repeats h <- h + w sigmoid(gate(h)) refine(h)
+for two steps on the raw state, with a learned scalar w. This version reads the state through the LayerNorm
+and the block's modulation (so the gate sees t and the caption), drops w, and zero-initialises the
+refinement's output projection, so a fresh Integrator is the identity (`DiT.initialize_weights`).
 """
 
 from __future__ import annotations
