@@ -157,12 +157,17 @@ def _tokens(text: str) -> set[str]:
 
 
 def _prose_units(text: str):
-    """Sentences of the prose, and each row of a markdown table as one unit."""
-    for line in text.splitlines():
+    """Sentences of the prose (a paragraph's wrapped lines joined), and each row of a markdown table."""
+    paragraph = []
+    for line in [*text.splitlines(), ""]:
+        if line.lstrip().startswith("|") or not line.strip() or line.lstrip().startswith(("- ", "* ", "#")) \
+                or re.match(r"\s*\d+\. ", line):
+            yield from re.split(r"(?<=[.!?])\s+", " ".join(paragraph)) if paragraph else []
+            paragraph = []
         if line.lstrip().startswith("|"):
             yield line
-        else:
-            yield from re.split(r"(?<=[.!?])\s+", line)
+        elif line.strip():
+            paragraph.append(line.strip())
 
 
 def _row_label(line: str, start: int) -> set[str]:
