@@ -3,10 +3,12 @@
 import torch
 
 
-def weighted_marginal_velocity(x, t, data, weights):
-    logits = weights.log() - ((x[:, None] - (1 - t) * data) ** 2).sum(-1) / (2 * t**2)  # [B, N]
-    p = logits.softmax(-1)  # p(x0 = x_i | x_t = x)
-    return (p[..., None] * (x[:, None] - data)).sum(1) / t  # E[(x - x0) / t | x_t = x]
+def smoothed_marginal_velocity(x, t, data, weights, s):
+    v = (1 - t) ** 2 * s**2 + t**2  # x_t given component i: N((1 - t) x_i, v I)
+    c = x[:, None] - (1 - t) * data  # x - (1 - t) x_i, [B, N, 2]
+    p = (weights.log() - (c**2).sum(-1) / (2 * v)).softmax(-1)  # p(component i | x_t = x), [B, N]
+    u_i = (t - (1 - t) * s**2) / v * c - data  # E[eps - x0 | x_t = x, i], [B, N, 2]
+    return (p[..., None] * u_i).sum(1)
 
 
 def reverse_sde(velocity, x, ts, g, generator):

@@ -13,9 +13,11 @@ from . import Exercise
 NOTEBOOK = "03b_flow_and_score_2d"
 
 
-def _std_not_variance(x, t, data, weights):  # divides the squared distance by 2 t: std where the variance belongs
-    p = (weights.log() - ((x[:, None] - (1 - t) * data) ** 2).sum(-1) / (2 * t)).softmax(-1)
-    return (p[..., None] * (x[:, None] - data)).sum(1) / t
+def _point_mass_variance(x, t, data, weights, s):  # responsibilities with t^2, the variance of a point mass
+    v = (1 - t) ** 2 * s**2 + t**2
+    c = x[:, None] - (1 - t) * data
+    p = (weights.log() - (c**2).sum(-1) / (2 * t**2)).softmax(-1)
+    return (p[..., None] * ((t - (1 - t) * s**2) / v * c - data)).sum(1)
 
 
 def _dt_noise(velocity, x, ts, g, generator):  # noise g h z instead of g sqrt(h) z
@@ -42,9 +44,9 @@ def _euler_shortcut(velocity, x1, x0_exact, steps):
 
 
 EXERCISES = [
-    Exercise(flow2d.check_weighted_marginal_velocity, "weighted_marginal_velocity",
-             shortcut=lambda x, t, data, weights: marginal_velocity(x, t, data, weights),
-             bug=_std_not_variance, hint="variance t^2"),
+    Exercise(flow2d.check_smoothed_marginal_velocity, "smoothed_marginal_velocity",
+             shortcut=lambda x, t, data, weights, s: marginal_velocity(x, t, data, weights),
+             bug=_point_mass_variance, hint="variance (1 - t)^2 s^2 + t^2"),
     Exercise(flow2d.check_reverse_sde, "reverse_sde",
              shortcut=lambda velocity, x, ts, g, generator: sample_flow_sde(velocity, x, ts, g, generator),
              bug=_dt_noise, hint="sqrt(dt)"),

@@ -1,4 +1,4 @@
-"""Notebook 03b's exercises: the marginal field of a weighted point set, the reverse SDE by
+"""Notebook 03b's exercises: the marginal field of a smoothed, weighted point set, the reverse SDE by
 Euler-Maruyama, and how the Euler ODE's error falls with the number of steps.
 
 The references below are written out on their own (float64), on a Gaussian toy whose fields and
@@ -32,44 +32,51 @@ def _noise(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
-# ----------------------------------------------------------------------------- 1: the marginal field
-def _reference_field(x, t, data, w, variance_power=2, use_weights=True):
-    """u_t(x) = sum_i p_i(x) (x - x_i) / t with p_i prop. to w_i exp(-|x - (1-t) x_i|^2 / (2 t^variance_power)),
-    densities normalised by their largest term (float64)."""
+# ----------------------------------------------------------------------------- 1: a smoothed point set's field
+def _reference_field(x, t, data, w, s, variance=None, use_weights=True):
+    """u_t(x) for data sum_i w_i N(x_i, s^2 I): component i puts x_t at N((1 - t) x_i, v I), v = (1 - t)^2 s^2 + t^2,
+    with E[eps - x0 | x_t, i] = (t - (1 - t) s^2) / v (x - (1 - t) x_i) - x_i; responsibilities from w_i N(x; (1 - t) x_i, v I)
+    (float64, normalised by the largest term). `variance` overrides v in the responsibilities (a planted bug's)."""
     x, data = x.double(), data.double()
-    d2 = ((x[:, None, :] - (1 - t) * data[None]) ** 2).sum(-1)  # [B, N]
-    log_p = -d2 / (2 * t**variance_power) + (w.double().log() if use_weights else 0)
+    v = (1 - t) ** 2 * s**2 + t**2
+    c = x[:, None, :] - (1 - t) * data[None]  # [B, N, D]
+    log_p = -(c**2).sum(-1) / (2 * (v if variance is None else variance)) + (w.double().log() if use_weights else 0)
     p = torch.exp(log_p - log_p.max(1, keepdim=True).values)
     p = p / p.sum(1, keepdim=True)
-    return ((x[:, None, :] - data[None]) * p[..., None]).sum(1) / t
+    u_i = (t - (1 - t) * s**2) / v * c - data[None]  # each component's own field, [B, N, D]
+    return (p[..., None] * u_i).sum(1)
 
 
 @exercise_check(refuses=[marginal_velocity, posterior_weights])
-def check_weighted_marginal_velocity(answer) -> str | None:
-    """answer(x [B, 2], t: float, data [N, 2], weights [N]) -> u_t(x) [B, 2], the marginal velocity of
-    the weighted point set (weights positive, summing to 1)."""
+def check_smoothed_marginal_velocity(answer) -> str | None:
+    """answer(x [B, 2], t: float, data [N, 2], weights [N], s: float) -> u_t(x) [B, 2], the marginal velocity
+    of the data distribution sum_i w_i N(data_i, s^2 I) (weights positive, summing to 1; s >= 0)."""
     g = torch.Generator().manual_seed(3)
     data = torch.randn(7, 2, generator=g) * 1.5
     w = torch.rand(7, generator=g) + 0.05
     w = w / w.sum()
     x = torch.randn(64, 2, generator=g) * 1.5
-    for t in (0.9, 0.5, 0.2, 0.05):
-        want = _reference_field(x, t, data, w)
-        got = torch.as_tensor(answer(x.clone(), t, data.clone(), w.clone()))
-        if got.shape != want.shape:
-            return f"at t = {t}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}."
-        scale = want.abs().max().item()
-        if torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5 * scale):
-            continue
-        if torch.allclose(got.double(), _reference_field(x, t, data, w, use_weights=False), rtol=1e-4, atol=1e-5 * scale):
-            return (f"at t = {t} your field is the unweighted one: the posterior is proportional to w_i times the "
-                    "Gaussian, so add log w_i to the softmax's logits.")
-        if torch.allclose(got.double(), _reference_field(x, t, data, w, variance_power=1), rtol=1e-4, atol=1e-5 * scale):
-            return (f"at t = {t}: x_t given x0 = x_i is N((1 - t) x_i, t^2 I): divide the squared distance by "
-                    "2 t^2 (the variance t^2), not 2 t.")
-        return (f"at t = {t} the field differs (max error {(got.double() - want).abs().max().item():.3g}): "
-                "u_t(x) = sum_i p_i (x - x_i) / t with p_i = softmax_i(log w_i - |x - (1 - t) x_i|^2 / (2 t^2)); "
-                "check the centre (1 - t) x_i of each Gaussian.")
+    for s in (0.0, 0.3, 1.0):
+        for t in (0.9, 0.5, 0.2, 0.05):
+            want = _reference_field(x, t, data, w, s)
+            got = torch.as_tensor(answer(x.clone(), t, data.clone(), w.clone(), s))
+            if got.shape != want.shape:
+                return f"at t = {t}, s = {s}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}."
+            close = lambda ref: torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-5 * want.abs().max().item())  # noqa: E731
+            if close(want):
+                continue
+            if close(_reference_field(x, t, data, w, s, use_weights=False)):
+                return (f"at t = {t}, s = {s} your field is the unweighted one: the posterior over components is "
+                        "proportional to w_i times the Gaussian, so add log w_i to the softmax's logits.")
+            if close(_reference_field(x, t, data, w, s, variance=t**2)):
+                return (f"at t = {t}, s = {s}: the responsibilities use the variance t^2 of a point mass; component i puts "
+                        "x_t at N((1 - t) x_i, v I) with the variance (1 - t)^2 s^2 + t^2.")
+            hint = ("each component's field is E[eps - x0 | x_t, i] = (t - (1 - t) s^2) / v (x - (1 - t) x_i) - x_i, "
+                    "with v = (1 - t)^2 s^2 + t^2 (at s = 0 it is (x - x_i) / t)")
+            return (f"at t = {t}, s = {s} the field differs (max error {(got.double() - want).abs().max().item():.3g}): "
+                    f"{hint}; check the centre (1 - t) x_i of each Gaussian." if s else
+                    f"at t = {t} with s = 0 (the notebook's point set, with weights) the field differs "
+                    f"(max error {(got.double() - want).abs().max().item():.3g}): {hint}.")
     return None
 
 
