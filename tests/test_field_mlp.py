@@ -35,5 +35,6 @@ def test_it_depends_on_t_and_learns_a_field_that_samples_with_the_library():
         opt.step()
     assert loss.item() < 0.05
     with torch.no_grad():
-        out = sample_flow_euler(x0_denoiser(model, "flow", FLOW), torch.randn(64, 2), time_grid(20, dtype=torch.float64))
+        denoiser = x0_denoiser(model, "flow", FLOW)
+        out = sample_flow_euler(denoiser, torch.randn(64, 2), time_grid(20, dtype=torch.float64))
     assert (out - target).norm(dim=1).mean() < 0.3

@@ -55,14 +55,17 @@ def test_the_sde_without_noise_is_flow_euler_and_with_noise_keeps_the_marginals(
     denoiser = lambda x, t, cond=None: x - t[:, None] * field(x, t)  # noqa: E731  x0_hat = x - t u
     assert torch.allclose(ode, sample_flow_euler(denoiser, noise, ts), atol=1e-10)
     m, s = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.5  # Gaussian data N(m, s^2 I): exact fields
-    gauss = lambda x, t: ((t - (1 - t) * s**2) / ((1 - t) ** 2 * s**2 + t**2))[:, None] * (x - (1 - t)[:, None] * m) - m  # noqa: E731
+
+    def gauss(x, t):
+        t = t[:, None]
+        return (t - (1 - t) * s**2) / ((1 - t) ** 2 * s**2 + t**2) * (x - (1 - t) * m) - m
+
     n = 4000
     g = torch.Generator().manual_seed(0)
-    out = sample_flow_sde(gauss, torch.randn(n, 2, generator=g, dtype=torch.float64), time_grid(100, dtype=torch.float64),
-                          generator=g)
+    noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    out = sample_flow_sde(gauss, noise, time_grid(100, dtype=torch.float64), generator=g)
     assert (out.mean(0) - m).abs().max() < 4 * s / math.sqrt(n) + 0.01
     assert (out.std(0) - s).abs().max() < 4 * s / math.sqrt(2 * n) + 0.01
-    with torch.no_grad():
-        frames = []
-        sample_flow_sde(gauss, noise, ts, callback=lambda i, t, x: frames.append(i))
+    frames = []
+    sample_flow_sde(gauss, noise, ts, callback=lambda i, t, x: frames.append(i))
     assert frames == list(range(30))
