@@ -35,7 +35,8 @@ def _noise(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
 # ----------------------------------------------------------------------------- 1: a smoothed point set's field
 def _reference_field(x, t, data, w, s, variance=None, use_weights=True):
     """u_t(x) for data sum_i w_i N(x_i, s^2 I): component i puts x_t at N((1 - t) x_i, v I), v = (1 - t)^2 s^2 + t^2,
-    with E[eps - x0 | x_t, i] = (t - (1 - t) s^2) / v (x - (1 - t) x_i) - x_i; responsibilities from w_i N(x; (1 - t) x_i, v I)
+    with E[eps - x0 | x_t, i] = (t - (1 - t) s^2) / v (x - (1 - t) x_i) - x_i; responsibilities from
+    w_i N(x; (1 - t) x_i, v I)
     (float64, normalised by the largest term). `variance` overrides v in the responsibilities (a planted bug's)."""
     x, data = x.double(), data.double()
     v = (1 - t) ** 2 * s**2 + t**2
@@ -62,21 +63,23 @@ def check_smoothed_marginal_velocity(answer) -> str | None:
             got = torch.as_tensor(answer(x.clone(), t, data.clone(), w.clone(), s))
             if got.shape != want.shape:
                 return f"at t = {t}, s = {s}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}."
-            close = lambda ref: torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-5 * want.abs().max().item())  # noqa: E731
+            scale = want.abs().max().item()
+            close = lambda ref: torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-5 * scale)  # noqa: E731
             if close(want):
                 continue
             if close(_reference_field(x, t, data, w, s, use_weights=False)):
                 return (f"at t = {t}, s = {s} your field is the unweighted one: the posterior over components is "
                         "proportional to w_i times the Gaussian, so add log w_i to the softmax's logits.")
             if close(_reference_field(x, t, data, w, s, variance=t**2)):
-                return (f"at t = {t}, s = {s}: the responsibilities use the variance t^2 of a point mass; component i puts "
-                        "x_t at N((1 - t) x_i, v I) with the variance (1 - t)^2 s^2 + t^2.")
+                return (f"at t = {t}, s = {s}: the responsibilities use the variance t^2 of a point mass; "
+                        "component i puts x_t at N((1 - t) x_i, v I) with the variance (1 - t)^2 s^2 + t^2.")
             hint = ("each component's field is E[eps - x0 | x_t, i] = (t - (1 - t) s^2) / v (x - (1 - t) x_i) - x_i, "
                     "with v = (1 - t)^2 s^2 + t^2 (at s = 0 it is (x - x_i) / t)")
-            return (f"at t = {t}, s = {s} the field differs (max error {(got.double() - want).abs().max().item():.3g}): "
-                    f"{hint}; check the centre (1 - t) x_i of each Gaussian." if s else
+            error = (got.double() - want).abs().max().item()
+            return (f"at t = {t}, s = {s} the field differs (max error {error:.3g}): {hint}; check the centre "
+                    "(1 - t) x_i of each Gaussian." if s else
                     f"at t = {t} with s = 0 (the notebook's point set, with weights) the field differs "
-                    f"(max error {(got.double() - want).abs().max().item():.3g}): {hint}.")
+                    f"(max error {error:.3g}): {hint}.")
     return None
 
 
@@ -148,8 +151,9 @@ def check_euler_error(answer, prediction=None) -> str | None:
         want = _reference_euler_error(gaussian_velocity, x1, x0_exact, steps)
         got[steps] = float(answer(gaussian_velocity, x1.clone(), x0_exact.clone(), steps))
         if not math.isclose(got[steps], want, rel_tol=1e-3, abs_tol=1e-6):
-            return (f"with {steps} steps you measure {got[steps]:.4g}, the reference {want:.4g}. Take `steps` equal steps "
-                    "h = 1 / steps from t = 1 to 0 and evaluate the velocity at the start of each step, x <- x - h u_t(x); "
-                    "report the mean Euclidean distance (the norm over the 2 coordinates, then the mean over points).")
+            return (f"with {steps} steps you measure {got[steps]:.4g}, the reference {want:.4g}. Take `steps` equal "
+                    "steps h = 1 / steps from t = 1 to 0 and evaluate the velocity at the start of each step, "
+                    "x <- x - h u_t(x); report the mean Euclidean distance (the norm over the 2 coordinates, then "
+                    "the mean over points).")
     print(f"error(10 steps) / error(100 steps): your prediction {prediction}, measured {got[10] / got[100]:.2f}")
     return None
