@@ -18,8 +18,8 @@ Flow matching: E |f(x_t, t) - (eps - x0)|^2 = E |f(x_t, t) - u_t(x_t)|^2 + E Var
 the last term does not depend on f, so regressing the conditional target learns the marginal field.
 Reverse SDE: for any g(t) >= 0, the SDE run from t = 1 down to 0 (tau = 1 - t forward),
     dx = [-u_t(x) + g(t)^2 / 2 s_t(x)] dtau + g(t) dW,
-has the marginals p_t of the ODE dx/dt = u_t (g = 0); the "SDE extension trick" of MIT 6.S184
-(Holderrieth & Erives, 2025), Song et al.'s (2021) reverse SDE for these paths.
+has the marginals p_t of the ODE dx/dt = u_t (g = 0): the "SDE extension trick" of the MIT 6.S184 notes
+(Holderrieth & Erives, 2025), stated there with time running from noise to data (their u is our -u).
 """
 
 from __future__ import annotations
