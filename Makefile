@@ -18,7 +18,7 @@ setup-dev:
 # Re-run every notebook in the default budget and save the outputs (what is committed).
 notebooks: setup-dev
 	.venv/bin/python scripts/notebook_headers.py
-	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
+	cd notebooks && for nb in [0-9][0-9]*_*.ipynb; do \
 	  TUTORIAL_BUDGET=default ../.venv/bin/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; done
 	.venv/bin/python scripts/notebook_headers.py

@@ -123,7 +123,7 @@ def sync(path: Path) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
     if "--check" in argv:
         stale = [p.name for p in paths if not is_current(json.loads(p.read_text()), p.name)]
         for name in stale:

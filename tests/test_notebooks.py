@@ -17,7 +17,7 @@ import pytest
 
 from .conftest import REPO_ROOT
 
-NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 SCRIPT = REPO_ROOT / "scripts" / "notebook_headers.py"
 
 
