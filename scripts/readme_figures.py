@@ -19,6 +19,7 @@ FIGURES = {
     "01_fmnist_latents_tiny_transformer": ("33be9ada", 0, "01_denoising.png"),
     "02_the_full_vae": ("df4f281b", 0, "02_reconstructions.png"),
     "03_dit_classifier_free_guidance": ("75ff7135", 0, "03_guidance.png"),
+    "03b_flow_and_score_2d": ("c18", 0, "03b_ode_sde.png"),
     "04_targets_schedules_samplers": ("02bc2e77", 0, "04_targets_by_nfe.png"),
     "05_edm": ("nb05-26", 0, "05_samplers.png"),
     "06_moe_at_scale": ("nb06-09", 0, "06_routing.png"),
