@@ -341,7 +341,7 @@ def _train(a, cfg, info):
                                zero_terminal_snr=o.zero_terminal_snr, sigma_data=o.sigma_data,
                                sampler=default_sampler(o.noise_schedule(), o.prediction),
                                t_max=start_level(o.prediction, o.noise_schedule()))
-    pipe.save_pretrained(a.out, **record)
+    pipe.save_pretrained(a.out, with_vae=not a.without_vae, **record)
     print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
                       "final_loss": round(record["final_loss"], 4)}))
     return pipe
@@ -557,6 +557,7 @@ def _add_common(p):
 
 def _add_train(p, steps):
     p.add_argument("--preset", help="model size: tiny (default), tiny-moe, tiny-mixer, tiny-single, tiny-integrator, "
+                   "tiny-guide (notebook 08's autoguidance guide), "
                    "DiT-S/2, MoE-DiT-XL/2, ... for --model dit (models/dit.py PRESETS); tiny (default), "
                    "MMDiT-S/2, ... for --model mmdit (models/mmdit.py PRESETS); tiny (default), small, SD-1.5 for --model "
                    "unet (models/unet.py PRESETS); cpu (default) or base for --model tiny_transformer")
@@ -756,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention and MLP linears, train/lora.py TARGETS)")
     p.add_argument("--out", type=Path, default=Path("outputs/model"),
                    help="folder to save the pipeline (with --lora-rank: the adapter) in (default: %(default)s)")
+    p.add_argument("--without-vae", action="store_true",
+                   help="save the pipeline without a vae/ folder: loading it uses the shipped VAE, which it must "
+                        "have been trained on (a small shipped model, e.g. dit_t2i_guide)")
     _add_data(p)
     _add_common(p)
     p.set_defaults(func=_cmd_train)
