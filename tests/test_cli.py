@@ -430,3 +430,16 @@ def test_sample_editing_and_guidance_errors(tmp_path, capsys):
         main(["sample", "--guide", "no_such_model", *out])
     assert info.value.code == 2 and "neither a folder nor a shipped model" in capsys.readouterr().err
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_evaluate_records_the_guidance_flags(monkeypatch, capsys):
+    from tutorial_lib.eval import metrics
+
+    monkeypatch.setattr(metrics, "evaluate_images", lambda images, labels, classifier, seed: {"n": len(images)})
+    main(["evaluate", "--prompts", "class", "--per-prompt", "1", "--guide", "tiny_t2i", *TINY])
+    record = json.loads(capsys.readouterr().out.split("\n[evaluate]")[0])["class"]
+    assert record["n"] == 10 and record["guide"].startswith(f"{TINY[1]} (TinyTransformer, ")
+    main(["evaluate", "--prompts", "class", "--per-prompt", "1", "--guidance-interval", "0.3", "5",
+          "--negative-prompt", "a shirt", *TINY])
+    record = json.loads(capsys.readouterr().out.split("\n[evaluate]")[0])["class"]
+    assert record["guidance_interval"] == [0.3, 5.0] and record["negative_prompt"] == "a shirt"

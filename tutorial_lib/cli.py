@@ -189,10 +189,12 @@ def _save_images(images, prompts: list[str], per_prompt: int, folder: Path):
 def _evaluate(pipe, a) -> dict:
     from .eval.metrics import evaluate_pipeline
 
-    results = {}
+    results, guidance = {}, _guidance(a)
     for kind in a.prompts.split(","):
         r, _ = evaluate_pipeline(pipe, kind, per_prompt=a.per_prompt, num_inference_steps=a.inference_steps,
-                                 guidance_scale=a.guidance_scale, seed=a.seed, **_sampling(a), **_guidance(a))
+                                 guidance_scale=a.guidance_scale, seed=a.seed, **_sampling(a), **guidance)
+        if "guide" in guidance:
+            r["guide"] = f"{a.guide} ({r['guide']})"
         results[kind] = _rounded(r)
     return results
 
@@ -394,13 +396,15 @@ def _cmd_evaluate(a):
 
 
 def _guidance(a) -> dict:
-    """The guidance flags given (--negative-prompt, --guidance-interval, --guidance-rescale, --guide), as keyword
-    arguments of `generate`; --guide loaded as a pipeline on --device."""
+    """The guidance flags given (--negative-prompt, --guidance-interval, --guidance-rescale, --guide; `sample`
+    and `evaluate` have them), as keyword arguments of `generate`; --guide loaded as a pipeline on --device."""
     from .pipeline import TextToImagePipeline
 
-    kwargs = {"negative_prompt": a.negative_prompt, "guidance_rescale": a.guidance_rescale,
-              "guidance_interval": None if a.guidance_interval is None else tuple(a.guidance_interval),
-              "guide": None if a.guide is None else TextToImagePipeline.from_pretrained(a.guide).to(a.device)}
+    interval, guide = getattr(a, "guidance_interval", None), getattr(a, "guide", None)
+    kwargs = {"negative_prompt": getattr(a, "negative_prompt", None),
+              "guidance_rescale": getattr(a, "guidance_rescale", None),
+              "guidance_interval": None if interval is None else tuple(interval),
+              "guide": None if guide is None else TextToImagePipeline.from_pretrained(guide).to(a.device)}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 

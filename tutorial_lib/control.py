@@ -86,6 +86,14 @@ def guide_denoiser(pipe, guide, sigma_top: float):
     return g_sigma if main_edm else time_denoiser(g_sigma, pipe.noise_schedule)
 
 
+def level_alpha_sigma(schedule, space: str):
+    """level [B] -> (alpha, sigma) [B, 1, 1, 1] of x = alpha x0 + sigma n where a sampler steps `space`: "t"
+    on `schedule`, or "sigma" (EDM's x = x0 + sigma n)."""
+    if space == "sigma":
+        return lambda sigma: (torch.ones_like(sigma).view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1))
+    return lambda t: schedule.alpha_sigma(t.view(-1, 1, 1, 1))
+
+
 def check_init(init_latents, strength, mask, shape: tuple, device, name: str = "init_latents") -> tuple:
     """(init_latents, strength, mask) checked and shaped for a batch of `shape` [B, C, h, w]: float32 on
     `device`, batch 1 expanded to B; strength defaults to 1 with init_latents (called `name` in errors)."""

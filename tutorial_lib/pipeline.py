@@ -42,7 +42,7 @@ from diffusers.configuration_utils import ConfigMixin
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .control import check_guide, check_init, guide_denoiser, reference_condition
+from .control import check_guide, check_init, guide_denoiser, level_alpha_sigma, reference_condition
 from .diffusion.edm import EDMPrecond, karras_sigmas, sigma_denoiser, sigma_of_t, t_of_sigma, time_denoiser
 from .diffusion.editing import first_step, inpainting_denoiser, invert_ddim, noised
 from .diffusion.guidance import cfg_denoiser, check_guidance
@@ -412,12 +412,6 @@ class TextToImagePipeline(DiffusionPipeline):
             return time_denoiser(denoiser, self.noise_schedule)
         return denoiser
 
-    def _alpha_sigma(self, space: str):
-        """level [B] -> (alpha, sigma) [B, 1, 1, 1] of x = alpha x0 + sigma n in the sampler's `space`."""
-        if space == "sigma":
-            return lambda sigma: (torch.ones_like(sigma).view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1))
-        return lambda t: self.noise_schedule.alpha_sigma(t.view(-1, 1, 1, 1))
-
     def _conditions(self, prompt, negative_prompt, guide):
         """(prompts, (cond, ref_cond)) with every network in eval mode (condition dropout off)."""
         prompts = check_prompts(prompt)
@@ -482,7 +476,7 @@ class TextToImagePipeline(DiffusionPipeline):
         sigma_top = (levels[0] if space == "sigma" else sigma_of_t(self.noise_schedule, levels[0])).item()
         denoiser = self._in_coordinate(self.denoiser(guidance_scale, guide=guide, guidance_interval=guidance_interval,
                                                      guidance_rescale=guidance_rescale, sigma_top=sigma_top), space)
-        alpha_sigma = self._alpha_sigma(space)
+        alpha_sigma = level_alpha_sigma(self.noise_schedule, space)
         if init_latents is None:
             x = noise * scale
         else:  # the input noised to the first level; the sigma samplers scale their argument by it
