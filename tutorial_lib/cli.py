@@ -712,7 +712,7 @@ def _out_file(out: Path, name: str) -> Path:
 
 
 MODEL_HELP = ("a saved pipeline folder, or a shipped model's name: dit_t2i (default), attr_t2i, edm_t2i, moe_t2i, "
-              "tiny_t2i (tutorial_lib/assets/NAME)")
+              "tiny_t2i, dit_t2i_guide (tutorial_lib/assets/NAME)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,8 @@ def check_guide(pipe, guide):
     if not isinstance(guide, TextToImagePipeline):
         raise ValueError(f"guide is another TextToImagePipeline (e.g. TextToImagePipeline.from_pretrained("
                          f"asset('dit_t2i_guide'))), got {type(guide).__name__}.")
+    if guide.device != pipe.device:
+        raise ValueError(f"The guide is on {guide.device}, this pipeline on {pipe.device}: move it, guide.to({str(pipe.device)!r}).")
     ours, theirs = latent_shape(pipe.transformer), latent_shape(guide.transformer)
     if ours != theirs:
         raise ValueError(f"The guide denoises {theirs} latents, this model {ours}: a guide must work in the same "
