@@ -220,6 +220,20 @@ def test_guidance_interval(pipe):
     assert in_interval(sigma, (0.3, 2.0)).tolist() == [False, False, True, True, False]  # (lo, hi]
 
 
+@pytest.mark.parametrize("options", [dict(sampler="edm_euler"), dict(prediction="edm", sigma_data=0.5),
+                                     dict(prediction="edm", sigma_data=0.5, sampler="ddim")])
+def test_guidance_interval_on_every_coordinate(pipe, options):
+    """The interval is in EDM's sigma whether the model or the sampler steps t or sigma."""
+    model = make(pipe, **options)
+    plain = model.generate_latents(PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0)
+    everywhere = model.generate_latents(PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0,
+                                        guidance_interval=(0.0, math.inf))
+    unguided = model.generate_latents(PROMPTS, num_inference_steps=STEPS, guidance_scale=1.0)
+    nowhere = model.generate_latents(PROMPTS, num_inference_steps=STEPS, guidance_scale=4.0,
+                                     guidance_interval=(0.0, 0.001))  # below the grid's sigma_min 0.002
+    assert torch.allclose(plain, everywhere, atol=1e-6) and torch.allclose(unguided, nowhere, atol=1e-6)
+
+
 def test_guidance_rescale():
     gen = torch.Generator().manual_seed(0)
     cond, guided = torch.randn(3, 4, 8, 8, generator=gen), 3 * torch.randn(3, 4, 8, 8, generator=gen)
