@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import io
 import json
 import pickle
 import shutil
