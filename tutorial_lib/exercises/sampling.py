@@ -80,9 +80,10 @@ def check_accuracy_at_guidance(answer, my_prediction=None) -> str | None:
     for w in SCALES:
         want = _reference_accuracy(pipe, classifier, w, per_prompt=3, steps=8, seed=1)
         got = answer(pipe, classifier, w, per_prompt=3, steps=8, seed=1)
-        if not isinstance(got, (float, int)) and not (torch.is_tensor(got) and got.numel() == 1):
+        try:
+            got = float(got)
+        except (TypeError, ValueError, RuntimeError):
             return f"return one number, the fraction of samples classified as their prompt's class; got {type(got).__name__}."
-        got = float(got)
         if abs(got - want) > 1e-6:
             if abs(got - 100 * want) < 1e-4:
                 return "return a fraction in [0, 1], not a percentage."
