@@ -33,6 +33,19 @@ def measure_order(sampler, steps=(16, 32, 64, 128), sigma_data=0.5):
     return -slope
 
 
+def sample_reverse_sde(denoiser, noise, sigmas, generator):
+    x = noise * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x0_hat = denoiser(x, sigma.expand(len(x)))
+        if sigma_next == 0:
+            return x0_hat  # as the ODE samplers: the last step onto sigma = 0 is the denoiser's estimate
+        h = sigma - sigma_next
+        score = (x0_hat - x) / sigma**2
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x + 2 * sigma * h * score + (2 * sigma * h).sqrt() * z  # dx = -2 sigma score dsigma + sqrt(2 sigma) dw
+    return x
+
+
 def fixed_ema_from_snapshots(snapshot_steps, snapshot_gammas, t, decay):
     taus = np.arange(1, t + 1, dtype=np.float64)
     profiles = np.stack([np.where(taus <= ti, (taus ** (g + 1) - (taus - 1) ** (g + 1)) / float(ti) ** (g + 1), 0.0)

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from tutorial_lib.diffusion.edm import edm_preconditioning, karras_sigmas
+from tutorial_lib.diffusion.samplers import sample_edm_euler
 from tutorial_lib.diffusion.toy import GaussianMixture
 from tutorial_lib.exercises import edm
 from tutorial_lib.train.ema import power_profile
@@ -47,6 +48,21 @@ def _order_wrong_denoiser(sampler, steps=(16, 32, 64, 128), sigma_data=0.5):  # 
     return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
 
 
+def _sde_with_the_library_churn(denoiser, noise, sigmas, generator):  # churn at its most, Euler: refused
+    return sample_edm_euler(denoiser, noise, sigmas, S_churn=1e9, generator=generator)
+
+
+def _sde_exact_variance(denoiser, noise, sigmas, generator):  # noise std sqrt(sigma_i^2 - sigma_(i+1)^2), not sqrt(2 sigma_i h)
+    x = noise * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x0_hat = denoiser(x, sigma.expand(len(x)))
+        if sigma_next == 0:
+            return x0_hat
+        h = sigma - sigma_next
+        x = x + 2 * h / sigma * (x0_hat - x) + (sigma**2 - sigma_next**2).sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x
+
+
 def _fixed_ema_with_the_library_profiles(snapshot_steps, snapshot_gammas, t, decay):
     taus = np.arange(1, t + 1, dtype=np.float64)
     profiles = np.stack([power_profile(ti, g, taus) for ti, g in zip(snapshot_steps, snapshot_gammas)], axis=1)
@@ -66,6 +82,8 @@ EXERCISES = [
              bug=_edm_unscaled, hint="1 / alpha"),
     Exercise(edm.check_convergence_order, "measure_order", shortcut=_order_with_the_library_denoiser,
              bug=_order_wrong_denoiser, hint="x sigma_data^2 / (sigma^2 + sigma_data^2)", predicts=True),
+    Exercise(edm.check_reverse_sde, "sample_reverse_sde", shortcut=_sde_with_the_library_churn,
+             bug=_sde_exact_variance, hint="sqrt(2 sigma_i h)"),
     Exercise(edm.check_fixed_ema_from_snapshots, "fixed_ema_from_snapshots", shortcut=_fixed_ema_with_the_library_profiles,
              bug=_fixed_ema_oldest_first, hint="newest step most"),
 ]

@@ -1,6 +1,6 @@
 """Notebook 05's exercises: EDM's preconditioning on any schedule, a sampler's convergence order
-measured against the exact ODE solution of Gaussian data, and a fixed-decay EMA rebuilt from
-power-function snapshots."""
+measured against the exact ODE solution of Gaussian data, the reverse SDE by Euler-Maruyama, and a
+fixed-decay EMA rebuilt from power-function snapshots."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..diffusion.edm import EDMPrecond, edm_preconditioning, edm_target, karras_sigmas
-from ..diffusion.samplers import sample_edm_euler, sample_edm_heun
+from ..diffusion.samplers import edm_euler_step, sample_ddpm, sample_edm_euler, sample_edm_heun
 from ..diffusion.toy import GaussianMixture
 from ..train.ema import fit_power_profiles, power_profile, reconstruct_emas, sigma_rel_to_gamma
 from . import exercise_check
@@ -146,4 +146,38 @@ def check_fixed_ema_from_snapshots(answer) -> str | None:
                     "target weights the newest step most, (1 - decay) decay^(t - tau) (decay^(t - 1) at tau = 1), and "
                     "that a snapshot taken at step t_i has profile (tau^(gamma+1) - (tau-1)^(gamma+1)) / t_i^(gamma+1) "
                     "for tau <= t_i and 0 after; sum over tau = 1..t.")
+    return None
+
+
+def _reverse_sde_reference(denoiser, noise, sigmas, generator):
+    x = noise * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x0_hat = denoiser(x, sigma.expand(len(x)))
+        if sigma_next == 0:
+            return x0_hat
+        h = sigma - sigma_next
+        x = x + 2 * h / sigma * (x0_hat - x) + (2 * sigma * h).sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x
+
+
+@exercise_check(refuses=[sample_edm_euler, sample_edm_heun, sample_ddpm, edm_euler_step])
+def check_reverse_sde(answer) -> str | None:
+    """answer(denoiser, noise, sigmas, generator) -> samples at sigma = 0: Euler-Maruyama on the reverse SDE
+    dx = -2 sigma score dsigma + sqrt(2 sigma) dw, score = (D - x) / sigma^2, from x = sigmas[0] noise."""
+    mixture = GaussianMixture([0.5, 0.3, 0.2], [[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]], [0.5, 0.3, 0.6])
+    for steps, sigma_max, seed in [(8, 80.0, 0), (32, 80.0, 1), (5, 2.0, 2)]:
+        noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+        sigmas = karras_sigmas(steps, sigma_max=sigma_max)
+        want = _reverse_sde_reference(mixture.denoiser, noise, sigmas, torch.Generator().manual_seed(seed))
+        got = answer(mixture.denoiser, noise, sigmas, torch.Generator().manual_seed(seed))
+        got = torch.as_tensor(got, dtype=torch.float64)
+        if got.shape != want.shape:
+            return f"return the samples, shape {tuple(want.shape)}, got {tuple(got.shape)}."
+        if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item()):
+            return (f"{steps} steps from sigma_max = {sigma_max:g}: the samples differ from the reference by up to "
+                    f"{(got - want).abs().max().item():.2g}. A step from sigma_i to sigma_(i+1), h = sigma_i - sigma_(i+1), "
+                    "is x + 2 (h / sigma_i) (D(x, sigma_i) - x) + sqrt(2 sigma_i h) z: the drift is twice the ODE's, the "
+                    "noise std is sqrt(2 sigma_i h) (g^2 = d(sigma^2)/dsigma = 2 sigma), one z per step drawn as "
+                    "torch.randn(x.shape, generator=generator, dtype=x.dtype) after the denoiser call, and the last step "
+                    "onto sigma = 0 returns D(x, sigma_(N-1)) with no noise.")
     return None
