@@ -351,3 +351,95 @@ def test_an_unknown_model_name_lists_the_shipped_ones(capsys):
         "python -m tutorial_lib sample: error: argument --model: 'dit_t2' is neither a folder nor a shipped model; "
         "give a saved pipeline folder or one of attr_t2i, dit_t2i, edm_t2i, moe_t2i, tiny_t2i.")
     assert build_parser().parse_args(["sample", "--model", "./dit_t2i"]).model == Path("dit_t2i")  # a path: as given
+
+
+# ----------------------------------------------------------------------------- editing and guidance flags
+def _png(path, pixels):
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_sample_init_image_strength_and_mask_reach_generate(tmp_path, generate_calls):
+    import numpy as np
+    import torch
+
+    image = _png(tmp_path / "in.png", np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, 17:] = 255  # the right half (and one pixel column of the cell left of it, max-pooled: regenerated)
+    mask[:, 15] = 200
+    main(["sample", "--prompt", "a boot", "--num-images", "2", "--init-image", image, "--strength", "0.5",
+          "--mask", _png(tmp_path / "mask.png", mask), "--out", str(tmp_path / "grid.png"), *TINY])
+    call = generate_calls[0]
+    assert call["init_latents"].shape == (1, 4, 8, 8) and call["strength"] == 0.5
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 3:] = 1  # pixel columns 12-15 are latent column 3
+    assert torch.equal(call["mask"], expected)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_sample_strength_0_gives_back_the_input(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tutorial_lib.pipeline import TextToImagePipeline
+
+    pixels = np.zeros((32, 32), dtype=np.uint8)
+    pixels[8:24, 10:22] = 220
+    main(["sample", "--prompt", "a bag", "--num-images", "1", "--init-image", _png(tmp_path / "in.png", pixels),
+          "--strength", "0", "--out", str(tmp_path / "grid.png"), *TINY])
+    with Image.open(tmp_path / "grid" / "prompt-00_image-00.png") as out:
+        out = torch.from_numpy(np.asarray(out, dtype=np.float32))
+    vae = TextToImagePipeline.from_pretrained(Path(TINY[1])).vae
+    with torch.no_grad():
+        ours = vae.decode_latents(vae.encode_to_latents(torch.from_numpy(pixels / 127.5 - 1).float()[None, None]))
+    assert (out - (ours[0, 0] + 1) * 127.5).abs().max() <= 1  # the VAE's reconstruction, up to rounding to uint8
+
+
+def test_sample_guidance_flags_reach_generate(tmp_path, generate_calls):
+    from tutorial_lib.pipeline import TextToImagePipeline
+
+    main(["sample", "--prompt", "a boot", "--num-images", "1", "--negative-prompt", "a shirt", "--guidance-interval",
+          "0.3", "5", "--guidance-rescale", "0.7", "--out", str(tmp_path / "grid.png"), *TINY])
+    call = generate_calls[0]
+    assert call["negative_prompt"] == "a shirt" and call["guidance_interval"] == (0.3, 5.0)
+    assert call["guidance_rescale"] == 0.7 and "guide" not in call
+    main(["sample", "--prompt", "a boot", "--num-images", "1", "--guide", "tiny_t2i", "--out",
+          str(tmp_path / "grid.png"), *TINY])  # a model as its own guide: the conditional prediction
+    assert isinstance(generate_calls[1]["guide"], TextToImagePipeline)
+    with pytest.raises(ValueError, match="pass guide= or negative_prompt=, not both"):
+        main(["sample", "--guide", "tiny_t2i", "--negative-prompt", "a shirt", "--out", str(tmp_path / "g.png"), *TINY])
+
+
+def test_sample_editing_and_guidance_errors(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "grid.png"), *TINY]
+    with pytest.raises(ValueError, match="--strength edits an input image: give it with --init-image PATH"):
+        main(["sample", "--strength", "0.5", *out])
+    with pytest.raises(ValueError, match="--mask edits an input image"):
+        main(["sample", "--mask", str(tmp_path / "m.png"), *out])
+    with pytest.raises(FileNotFoundError, match="No such image file"):
+        main(["sample", "--init-image", str(tmp_path / "missing.png"), *out])
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image file PIL can read"):
+        main(["sample", "--init-image", str(tmp_path / "text.png"), *out])
+    with pytest.raises(ValueError, match="sigma_lo <= sigma_hi"):
+        main(["sample", "--guidance-interval", "5", "0.3", *out])
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--guide", "no_such_model", *out])
+    assert info.value.code == 2 and "neither a folder nor a shipped model" in capsys.readouterr().err
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_evaluate_records_the_guidance_flags(monkeypatch, capsys):
+    from tutorial_lib.eval import metrics
+
+    monkeypatch.setattr(metrics, "evaluate_images", lambda images, labels, classifier, seed: {"n": len(images)})
+    main(["evaluate", "--prompts", "class", "--per-prompt", "1", "--guide", "tiny_t2i", *TINY])
+    record = json.loads(capsys.readouterr().out.split("\n[evaluate]")[0])["class"]
+    assert record["n"] == 10 and record["guide"].startswith(f"{TINY[1]} (TinyTransformer, ")
+    main(["evaluate", "--prompts", "class", "--per-prompt", "1", "--guidance-interval", "0.3", "5",
+          "--negative-prompt", "a shirt", *TINY])
+    record = json.loads(capsys.readouterr().out.split("\n[evaluate]")[0])["class"]
+    assert record["guidance_interval"] == [0.3, 5.0] and record["negative_prompt"] == "a shirt"

@@ -34,7 +34,8 @@ def test_preset_names_and_copies():
     sizes = ("S", "B", "L", "XL", "XXL")
     sparse = {"tiny-moe", "tiny-mixer", "tiny-moe-mixer"} | {f"MoE-DiT-{s}/2" for s in ("S", "B", "XL")}
     zoo = {"tiny-single", "tiny-integrator"}  # notebook 07 (tests/test_dit_options.py)
-    assert set(PRESETS) == {"tiny"} | {f"DiT-{s}/{p}" for s in sizes for p in (1, 2, 4)} | sparse | zoo
+    guide = {"tiny-guide"}  # notebook 08's autoguidance guide
+    assert set(PRESETS) == {"tiny"} | {f"DiT-{s}/{p}" for s in sizes for p in (1, 2, 4)} | sparse | zoo | guide
     assert [(PRESETS[f"DiT-{s}/2"].hidden_size, PRESETS[f"DiT-{s}/2"].depth, PRESETS[f"DiT-{s}/2"].num_heads)
             for s in sizes[:4]] == [(384, 12, 6), (768, 12, 12), (1024, 24, 16), (1152, 28, 16)]
     cfg = preset("DiT-S/4", text_dim=384)

@@ -189,10 +189,12 @@ def _save_images(images, prompts: list[str], per_prompt: int, folder: Path):
 def _evaluate(pipe, a) -> dict:
     from .eval.metrics import evaluate_pipeline
 
-    results = {}
+    results, guidance = {}, _guidance(a)
     for kind in a.prompts.split(","):
         r, _ = evaluate_pipeline(pipe, kind, per_prompt=a.per_prompt, num_inference_steps=a.inference_steps,
-                                 guidance_scale=a.guidance_scale, seed=a.seed, **_sampling(a))
+                                 guidance_scale=a.guidance_scale, seed=a.seed, **_sampling(a), **guidance)
+        if "guide" in guidance:
+            r["guide"] = f"{a.guide} ({r['guide']})"
         results[kind] = _rounded(r)
     return results
 
@@ -341,7 +343,7 @@ def _train(a, cfg, info):
                                zero_terminal_snr=o.zero_terminal_snr, sigma_data=o.sigma_data,
                                sampler=default_sampler(o.noise_schedule(), o.prediction),
                                t_max=start_level(o.prediction, o.noise_schedule()))
-    pipe.save_pretrained(a.out, **record)
+    pipe.save_pretrained(a.out, with_vae=not a.without_vae, **record)
     print(json.dumps({"model": str(a.out), "train_seconds": round(seconds, 1),
                       "final_loss": round(record["final_loss"], 4)}))
     return pipe
@@ -381,8 +383,9 @@ def _cmd_sample(a):
     if a.prompt and not all(p.strip() for p in a.prompt):
         raise ValueError("--prompt: a prompt is empty.")
     prompts = list(a.prompt or CLASS_PROMPTS)
-    images = _sample_grid(_load_pipe(a), a.out, a.num_images, a.inference_steps, a.guidance_scale, a.seed,
-                          _sampling(a), prompts)
+    pipe = _load_pipe(a)
+    sampling = {**_sampling(a), **_guidance(a), **_editing(a, pipe)}
+    images = _sample_grid(pipe, a.out, a.num_images, a.inference_steps, a.guidance_scale, a.seed, sampling, prompts)
     folder = a.out.with_suffix("")
     _save_images(images, prompts, a.num_images, folder)
     print(f"sample grid: {a.out}\nimages: {folder}/ ({len(images)}: prompt-PP_image-II.png, prompts in prompts.txt)")
@@ -390,6 +393,67 @@ def _cmd_sample(a):
 
 def _cmd_evaluate(a):
     print(json.dumps(_evaluate(_load_pipe(a), a), indent=1))
+
+
+def _guidance(a) -> dict:
+    """The guidance flags given (--negative-prompt, --guidance-interval, --guidance-rescale, --guide; `sample`
+    and `evaluate` have them), as keyword arguments of `generate`; --guide loaded as a pipeline on --device."""
+    from .pipeline import TextToImagePipeline
+
+    interval, guide = getattr(a, "guidance_interval", None), getattr(a, "guide", None)
+    kwargs = {"negative_prompt": getattr(a, "negative_prompt", None),
+              "guidance_rescale": getattr(a, "guidance_rescale", None),
+              "guidance_interval": None if interval is None else tuple(interval),
+              "guide": None if guide is None else TextToImagePipeline.from_pretrained(guide).to(a.device)}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _read_image(path: Path, size: tuple[int, int], channels: int, mode: str):
+    """An image file as a tensor [1, C, H, W] of `size` (resized if it is not, aspect not kept): `mode`
+    "image" gives values in [-1, 1], "mask" 1 where the pixel is light (>= 128: regenerate), 0 where dark."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if not path.is_file():
+        raise FileNotFoundError(2, f"No such image file (--{'init-image' if mode == 'image' else 'mask'})", str(path))
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 or mode == "mask" else "RGB")
+    except OSError as err:
+        raise ValueError(f"{path}: not an image file PIL can read ({err}).") from err
+    h, w = size
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.NEAREST if mode == "mask" else Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return (pixels >= 128).float()[None] if mode == "mask" else (pixels / 127.5 - 1)[None]
+
+
+def _editing(a, pipe) -> dict:
+    """--init-image, --strength and --mask as `generate`'s init_latents, strength and mask: the image resized to
+    the model's resolution and encoded by its VAE; the mask (light = regenerate, dark = keep) at that resolution,
+    max-pooled onto the latent grid (a latent cell is regenerated if any of its pixels is)."""
+    import torch
+
+    from .pipeline import latent_shape
+
+    if a.init_image is None:
+        if a.strength is not None or a.mask is not None:
+            raise ValueError(f"{'--strength' if a.strength is not None else '--mask'} edits an input image: give it "
+                             "with --init-image PATH.")
+        return {}
+    factor = pipe.vae.config.downsample_factor
+    _, h, w = latent_shape(pipe.transformer)
+    image = _read_image(a.init_image, (h * factor, w * factor), pipe.vae.config.in_channels, "image")
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    with torch.no_grad():
+        latents = pipe.vae.encode_to_latents(image.to(pipe.device, vae_dtype)).float()
+    kwargs = {"init_latents": latents, "strength": a.strength}
+    if a.mask is not None:
+        mask = _read_image(a.mask, (h * factor, w * factor), 1, "mask")
+        kwargs["mask"] = torch.nn.functional.max_pool2d(mask, factor)
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- post-hoc EMA
@@ -557,6 +621,7 @@ def _add_common(p):
 
 def _add_train(p, steps):
     p.add_argument("--preset", help="model size: tiny (default), tiny-moe, tiny-mixer, tiny-single, tiny-integrator, "
+                   "tiny-guide (notebook 08's autoguidance guide), "
                    "DiT-S/2, MoE-DiT-XL/2, ... for --model dit (models/dit.py PRESETS); tiny (default), "
                    "MMDiT-S/2, ... for --model mmdit (models/mmdit.py PRESETS); tiny (default), small, SD-1.5 for --model "
                    "unet (models/unet.py PRESETS); cpu (default) or base for --model tiny_transformer")
@@ -597,6 +662,22 @@ def _add_sampling(p):
     g.add_argument("--s-noise", dest="S_noise", type=float, help="the churn noise's std (EDM: 1.003 on ImageNet-64)")
 
 
+def _add_guidance(p):
+    g = p.add_argument_group("guidance", "variants of classifier-free guidance (diffusion/guidance.py)")
+    g.add_argument("--negative-prompt", metavar="TEXT",
+                   help="guide away from this prompt instead of the null one (for every prompt)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at noise levels sigma in (LO, HI], elsewhere sample the conditional prediction "
+                   "(Kynkäänniemi et al., 2024), e.g. 0.3 5")
+    g.add_argument("--guidance-rescale", type=float, metavar="PHI",
+                   help="rescale the guided prediction's std to the conditional one's, blended by PHI in [0, 1] "
+                   "(Lin et al., 2024; they use 0.7)")
+    g.add_argument("--guide", type=_pipeline_path, metavar="MODEL",
+                   help="autoguidance (Karras et al., 2024): guide by this smaller model's prediction of the same "
+                   "prompt instead of the null prompt; a saved pipeline folder or a shipped name, e.g. dit_t2i_guide "
+                   "for dit_t2i")
+
+
 def _add_eval(p, per_prompt):
     p.add_argument("--prompts", type=_prompt_sets, default="class,held_out",
                    help="prompt sets, comma-separated: class (one per class), held_out (unseen paraphrases), "
@@ -631,7 +712,7 @@ def _out_file(out: Path, name: str) -> Path:
 
 
 MODEL_HELP = ("a saved pipeline folder, or a shipped model's name: dit_t2i (default), attr_t2i, edm_t2i, moe_t2i, "
-              "tiny_t2i (tutorial_lib/assets/NAME)")
+              "tiny_t2i, dit_t2i_guide (tutorial_lib/assets/NAME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -756,6 +837,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention and MLP linears, train/lora.py TARGETS)")
     p.add_argument("--out", type=Path, default=Path("outputs/model"),
                    help="folder to save the pipeline (with --lora-rank: the adapter) in (default: %(default)s)")
+    p.add_argument("--without-vae", action="store_true",
+                   help="save the pipeline without a vae/ folder: loading it uses the shipped VAE, which it must "
+                        "have been trained on (a small shipped model, e.g. dit_t2i_guide)")
     _add_data(p)
     _add_common(p)
     p.set_defaults(func=_cmd_train)
@@ -774,6 +858,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the grid's image file, or a folder to write samples.png in; the single images go in the "
                    "folder of its name without the extension (default: %(default)s, and outputs/samples/)")
     _add_sampling(p)
+    _add_guidance(p)
+    g = p.add_argument_group("editing", "start from an image instead of noise (image-to-image, inpainting)")
+    g.add_argument("--init-image", type=Path, metavar="PATH",
+                   help="image-to-image: an image file, resized to the model's resolution (32x32) and encoded by its VAE; "
+                   "every image of the grid starts from it")
+    g.add_argument("--strength", type=float, metavar="S",
+                   help="with --init-image: the fraction of the --inference-steps that run, from the input noised to "
+                   "that level; 0 returns the input, 1 starts from noise (default: 1)")
+    g.add_argument("--mask", type=Path, metavar="PATH",
+                   help="with --init-image: inpainting; an image file, light (>= 128) where to regenerate, dark where to "
+                   "keep the input, at the image's resolution (a latent cell is regenerated if any of its pixels is)")
     _add_common(p)
     p.set_defaults(func=_cmd_sample)
 
@@ -781,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_pipeline_path, default=ASSETS_DIR / "dit_t2i", help=MODEL_HELP)
     _add_eval(p, per_prompt=100)
     _add_sampling(p)
+    _add_guidance(p)
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)
 

@@ -1,12 +1,17 @@
 """Prompt(s) -> images: text encoder -> guided sampler over the denoiser -> VAE decoder.
 
     cond, null = text_encoder(prompts), text_encoder("")           # null: what training dropped to
-    F_guided   = F(x, t, null) + w (F(x, t, cond) - F(x, t, null))  # guidance.cfg_denoiser, every channel
-    x0_hat     = the prediction F_guided (x0, eps, v or flow) converted to x0 (parametrizations),
-                 or for an EDM model D_guided = c_skip x + c_out F_guided (edm.EDMPrecond)
+    D          = the prediction F (x0, eps, v or flow) converted to x0 (parametrizations),
+                 or for an EDM model c_skip x + c_out F (edm.EDMPrecond)
+    x0_hat     = D(x, t, null) + w (D(x, t, cond) - D(x, t, null))  # guidance.cfg_denoiser, every channel
     latents    = sampler(x0_hat, noise, the schedule's grid of num_inference_steps levels, or
                  Karras et al.'s sigma grid for an EDM model or sampler)
     images     = vae.decode(latents)
+
+Beyond that: image-to-image, inpainting and DDIM inversion (`generate_latents`' init_latents, strength,
+mask; `invert`: diffusion/editing.py), negative prompts, guidance intervals, guidance rescale and
+autoguidance (negative_prompt, guidance_interval, guidance_rescale, guide: diffusion/guidance.py), checked
+and wired by control.py.
 
 Saved in diffusers' directory layout (`save_pretrained`), so the folder is also a diffusers pipeline:
 
@@ -37,8 +42,10 @@ from diffusers.configuration_utils import ConfigMixin
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .control import check_guide, check_init, guide_denoiser, level_alpha_sigma, reference_condition
 from .diffusion.edm import EDMPrecond, karras_sigmas, sigma_denoiser, sigma_of_t, t_of_sigma, time_denoiser
-from .diffusion.guidance import cfg_denoiser
+from .diffusion.editing import first_step, inpainting_denoiser, invert_ddim, noised
+from .diffusion.guidance import cfg_denoiser, check_guidance
 from .diffusion.parametrizations import PREDICTIONS, well_defined, x0_denoiser
 from .diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, check_churn, samplers_for
 from .diffusion.schedules import Schedule, get_schedule
@@ -317,21 +324,34 @@ class TextToImagePipeline(DiffusionPipeline):
             m.to(device=device, dtype=dtype)
         return self
 
-    def denoiser(self, guidance_scale: float):
-        """The guided x0_hat in the model's own coordinate: D(x_t, t [B], (cond, null)) for a VP or
-        flow model, D(x, sigma [B], (cond, null)) for an EDM one (EDMPrecond with the recorded
-        sigma_data; guiding D is guiding F, D being c_skip x + c_out F). `generate_latents` adapts it
-        to a sampler in the other coordinate. The transformer sees x and the caption tokens in its
-        dtype; guidance, conversion and preconditioning run in x's."""
+    def x0_network(self):
+        """The unguided x0-denoiser in the model's own coordinate: D(x_t, t [B], cond) for a VP or flow
+        model (its prediction converted, `parametrizations.x0_denoiser`), D(x, sigma [B], cond) for an EDM
+        one (EDMPrecond with the recorded sigma_data). The transformer sees x and the caption tokens in
+        its dtype; conversion and preconditioning run in x's."""
         dtype = self.dtype
 
         def network(x: torch.Tensor, t: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
             return self.transformer(x.to(dtype), t, TextEmbedding(text.tokens.to(dtype), text.mask)).to(x.dtype)
 
         if self.config.prediction == "edm":
-            return cfg_denoiser(EDMPrecond(network, self.config.sigma_data), guidance_scale, _concat)
-        guided = cfg_denoiser(network, guidance_scale, _concat)
-        return x0_denoiser(guided, self.config.prediction, self.noise_schedule)
+            return EDMPrecond(network, self.config.sigma_data)
+        return x0_denoiser(network, self.config.prediction, self.noise_schedule)
+
+    def denoiser(self, guidance_scale: float, *, guide=None, guidance_interval=None, guidance_rescale: float = 0.0,
+                 sigma_top: float = math.inf):
+        """The guided x0_hat in the model's own coordinate (`x0_network`), D(level, (cond, ref_cond)):
+        classifier-free guidance with ref_cond the null or a negative prompt's condition, or with `guide`
+        (another pipeline; ref_cond its embedding of the prompts) autoguidance, optionally in a
+        `guidance_interval` (sigma_lo, sigma_hi) and rescaled by `guidance_rescale` (diffusion/guidance.py:
+        every variant acts on x0_hat, the same as guiding the network's own target except the rescale).
+        `sigma_top` is the highest level sampling will reach (for a guide's conversion, control.py).
+        `generate_latents` adapts it to a sampler in the other coordinate."""
+        edm = self.config.prediction == "edm"
+        reference = None if guide is None else guide_denoiser(self, guide, sigma_top)
+        sigma_of = (lambda s: s) if edm else (lambda t: sigma_of_t(self.noise_schedule, t))
+        return cfg_denoiser(self.x0_network(), guidance_scale, _concat, reference=reference, sigma_of=sigma_of,
+                            interval=guidance_interval, rescale=guidance_rescale)
 
     def _sigmas(self, num_inference_steps: int, o: dict) -> torch.Tensor:
         """The Karras grid of options `o` (float64, num_inference_steps + 1 levels down to 0), sigma_max
@@ -363,58 +383,140 @@ class TextToImagePipeline(DiffusionPipeline):
         check_options(options, self.noise_schedule)
         return options
 
-    @torch.no_grad()
-    def generate_latents(self, prompt, num_inference_steps: int = 25, guidance_scale: float = 3.0,
-                         seed: int | None = 0, generator: torch.Generator | None = None,
-                         callback=None, eta: float = 0.0, **options) -> torch.Tensor:
-        """Scaled latents [B, C, H, W], float32, for prompt(s); the same seed gives the same latents.
-
-        `num_inference_steps` counts steps, not network evaluations (the class docstring).
-        `generator` may live on the CPU (as `seed`'s does) or on the pipeline's device: noise is
-        drawn on the generator's device and moved, so a seed gives the same draws on any device.
-        `eta` is DDIM's (Song et al., 2021, eq. 16; 0: deterministic, 1: ancestral), for the ddim
-        sampler only. `options` override the pipeline's SAMPLING_OPTIONS for this call, e.g.
-        sampler="edm_heun", S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.003."""
-        prompts = check_prompts(prompt)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps is an int >= 1, got {num_inference_steps!r}.")
-        o = self._options(options)
-        if eta != 0 and o["sampler"] != "ddim":
-            raise ValueError(f"eta is the ddim sampler's; this pipeline samples with {o['sampler']}.")
-        if generator is None:
-            generator = torch.Generator().manual_seed(0 if seed is None else seed)
-        for m in (self.transformer, self.text_encoder, self.vae):
-            m.eval()  # condition dropout and any other training behaviour off
-        shape = (len(prompts), *latent_shape(self.transformer))
-        noise = torch.randn(shape, generator=generator, device=generator.device).to(self.device)  # float32
-        cond = self.text_encoder.encode(prompts)
-        null = self.text_encoder.null(len(prompts))  # exactly what training dropped to
-        denoiser, edm, name = self.denoiser(guidance_scale), self.config.prediction == "edm", o["sampler"]
-        if name in SIGMA_SAMPLERS:  # x = sigma_max noise, stepped in sigma
+    def _plan(self, num_inference_steps: int, o: dict) -> tuple[str, torch.Tensor, float]:
+        """How options `o` sample: (the coordinate the sampler steps, "sigma" or "t"; its grid of
+        num_inference_steps + 1 levels; the factor from standard-normal noise to the state at the grid's
+        top, where the sampler does not apply it: alpha_t sigma_max for an EDM model in t, else 1)."""
+        if o["sampler"] in SIGMA_SAMPLERS:  # x = sigma_max noise, stepped in sigma
             sigmas = self._sigmas(num_inference_steps, o)
-            if not edm:
+            if self.config.prediction != "edm":
                 self._check_churn_reach(sigmas, o)
-                denoiser = sigma_denoiser(denoiser, self.noise_schedule)
-            return SIGMA_SAMPLERS[name](denoiser, noise, sigmas,
-                                        (cond, null), callback, S_churn=o["S_churn"], S_tmin=o["S_tmin"],
-                                        S_tmax=_upper(o["S_tmax"]), S_noise=o["S_noise"], generator=generator)
-        kwargs = {"schedule": self.noise_schedule}
-        if name in ("ddpm", "ddim"):
-            kwargs["generator"] = generator
-        if name == "ddim":
-            kwargs["eta"] = eta
-        if edm:  # the t grid of the sigma grid, from x_t = alpha_t x_sigma = alpha_t sigma_max noise
+            return "sigma", sigmas, 1.0
+        if self.config.prediction == "edm":  # the t grid of the sigma grid, from x_t = alpha_t x_sigma
             sigmas = self._sigmas(num_inference_steps, o)
             ts = t_of_sigma(self.noise_schedule, sigmas)
-            noise = noise * (self.noise_schedule.alpha_sigma(ts[0])[0] * sigmas[0])
-            return SAMPLERS[name](time_denoiser(denoiser, self.noise_schedule), noise, ts, (cond, null), callback,
-                                  **kwargs)
+            return "t", ts, (self.noise_schedule.alpha_sigma(ts[0])[0] * sigmas[0]).item()
         ts = self.noise_schedule.grid(num_inference_steps, t_max=o["t_max"])
         if not well_defined(self.config.prediction, *self.noise_schedule.alpha_sigma(ts[:1])):
             raise ValueError(f"An {self.config.prediction} prediction says nothing about the image at "
                              f"t_max = {o['t_max']}, where the {self.config.schedule} schedule's SNR is 0; "
                              f"start below it (e.g. t_max=0.99) or train v or flow (notebook 04).")
-        return SAMPLERS[name](denoiser, noise, ts, (cond, null), callback, **kwargs)
+        return "t", ts, 1.0
+
+    def _in_coordinate(self, denoiser, space: str):
+        """The model-coordinate `denoiser` as the sampler's `space` ("sigma" or "t") takes it."""
+        edm = self.config.prediction == "edm"
+        if space == "sigma" and not edm:
+            return sigma_denoiser(denoiser, self.noise_schedule)
+        if space == "t" and edm:
+            return time_denoiser(denoiser, self.noise_schedule)
+        return denoiser
+
+    def _conditions(self, prompt, negative_prompt, guide):
+        """(prompts, (cond, ref_cond)) with every network in eval mode (condition dropout off)."""
+        prompts = check_prompts(prompt)
+        for pipe in (self,) if guide is None else (self, guide):
+            for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
+                m.eval()
+        return prompts, (self.text_encoder.encode(prompts), reference_condition(self, prompts, negative_prompt, guide))
+
+    @torch.no_grad()
+    def generate_latents(self, prompt, num_inference_steps: int = 25, guidance_scale: float = 3.0,
+                         seed: int | None = 0, generator: torch.Generator | None = None,
+                         callback=None, eta: float = 0.0, *, latents: torch.Tensor | None = None,
+                         init_latents: torch.Tensor | None = None, strength: float | None = None,
+                         mask: torch.Tensor | None = None, negative_prompt=None, guidance_interval=None,
+                         guidance_rescale: float = 0.0, guide=None, **options) -> torch.Tensor:
+        """Scaled latents [B, C, H, W], float32, for prompt(s); the same seed gives the same latents.
+
+        `num_inference_steps` counts steps, not network evaluations (the class docstring).
+        `generator` may live on the CPU (as `seed`'s does) or on the pipeline's device: noise is
+        drawn on the generator's device and moved, so a seed gives the same draws on any device.
+        `latents` replaces that draw: standard-normal noise [B, C, H, W] (diffusers' name), e.g. `invert`'s.
+        `eta` is DDIM's (Song et al., 2021, eq. 16; 0: deterministic, 1: ancestral), for the ddim
+        sampler only. `options` override the pipeline's SAMPLING_OPTIONS for this call, e.g.
+        sampler="edm_heun", S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.003.
+
+        Editing (diffusion/editing.py), on every model and sampler:
+        init_latents   the input's scaled latents [B or 1, C, H, W]: image-to-image from the grid's level
+                       at `strength` (0: the input itself; 1, the default: the top of the grid, which at
+                       SNR 0 is sampling from the same noise); the last int(strength N) steps run
+        mask           [B or 1, 1, H, W], 1 = regenerate, 0 = keep (with init_latents): inpainting by
+                       latent blending; the kept region comes back exactly
+        Guidance (diffusion/guidance.py):
+        negative_prompt  a str, or a list with one per prompt: the condition guidance moves away from
+                       instead of the null one
+        guidance_interval  (sigma_lo, sigma_hi): guide only at noise levels sigma in (sigma_lo, sigma_hi]
+        guidance_rescale   phi in [0, 1]: rescale the guided x0_hat's std to the conditional one's
+        guide          another TextToImagePipeline on the same latents: autoguidance, its conditional
+                       x0_hat is the reference instead of the null condition's"""
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps is an int >= 1, got {num_inference_steps!r}.")
+        o = self._options(options)
+        if eta != 0 and o["sampler"] != "ddim":
+            raise ValueError(f"eta is the ddim sampler's; this pipeline samples with {o['sampler']}.")
+        check_guidance(guidance_scale, guidance_interval, guidance_rescale)
+        if guide is not None:
+            check_guide(self, guide)
+        prompts, cond = self._conditions(prompt, negative_prompt, guide)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        shape = (len(prompts), *latent_shape(self.transformer))
+        init_latents, strength, mask = check_init(init_latents, strength, mask, shape, self.device)
+        if latents is not None and (not torch.is_tensor(latents) or tuple(latents.shape) != shape):
+            raise ValueError(f"latents are the starting noise, shape {list(shape)}, got "
+                             f"{list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}.")
+        noise = (torch.randn(shape, generator=generator, device=generator.device) if latents is None
+                 else latents).to(self.device, torch.float32)
+        space, levels, scale = self._plan(num_inference_steps, o)
+        first = 0 if init_latents is None else first_step(num_inference_steps, strength)
+        if first == num_inference_steps:  # strength 0: no step runs
+            return init_latents.clone()
+        levels = levels[first:]
+        sigma_top = (levels[0] if space == "sigma" else sigma_of_t(self.noise_schedule, levels[0])).item()
+        denoiser = self._in_coordinate(self.denoiser(guidance_scale, guide=guide, guidance_interval=guidance_interval,
+                                                     guidance_rescale=guidance_rescale, sigma_top=sigma_top), space)
+        alpha_sigma = level_alpha_sigma(self.noise_schedule, space)
+        if init_latents is None:
+            x = noise * scale
+        else:  # the input noised to the first level; the sigma samplers scale their argument by it
+            x = noised(init_latents, noise, *alpha_sigma(levels[:1])) if space == "t" \
+                else (noise.double() + init_latents.double() / levels[0]).float()
+            if mask is not None:
+                denoiser = inpainting_denoiser(denoiser, init_latents, noise, mask, alpha_sigma)
+        if space == "sigma":
+            return SIGMA_SAMPLERS[o["sampler"]](denoiser, x, levels, cond, callback, S_churn=o["S_churn"],
+                                                S_tmin=o["S_tmin"], S_tmax=_upper(o["S_tmax"]),
+                                                S_noise=o["S_noise"], generator=generator)
+        kwargs = {"schedule": self.noise_schedule}
+        if o["sampler"] in ("ddpm", "ddim"):
+            kwargs["generator"] = generator
+        if o["sampler"] == "ddim":
+            kwargs["eta"] = eta
+        return SAMPLERS[o["sampler"]](denoiser, x, levels, cond, callback, **kwargs)
+
+    @torch.no_grad()
+    def invert(self, latents: torch.Tensor, prompt, num_inference_steps: int = 50, guidance_scale: float = 1.0,
+               negative_prompt=None, callback=None, **options) -> torch.Tensor:
+        """DDIM inversion (diffusion/editing.py; Song et al., 2021; Mokady et al., 2023): the noise [B, C, H, W]
+        from which `generate_latents(prompt, num_inference_steps, guidance_scale, sampler="ddim",
+        latents=noise)` (eta 0, the same options) returns about `latents`, the input's scaled latents.
+        The deterministic DDIM step runs up the ddim sampler's grid, from t = 0 to its top (t_max; an EDM
+        model's t grid of its sigma grid); it reconstructs best at guidance 1 (at 50 steps on dit_t2i to
+        within the tolerance tests/test_editing.py states)."""
+        if options.get("sampler", "ddim") != "ddim":
+            raise ValueError(f"Inversion runs DDIM's deterministic step; sample its noise back with "
+                             f"sampler='ddim' (eta 0), not {options['sampler']!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps is an int >= 1, got {num_inference_steps!r}.")
+        o = self._options({**options, "sampler": "ddim"})
+        check_guidance(guidance_scale)
+        prompts, cond = self._conditions(prompt, negative_prompt, None)
+        shape = (len(prompts), *latent_shape(self.transformer))
+        x0, _, _ = check_init(latents, None, None, shape, self.device, "latents")
+        _, ts, scale = self._plan(num_inference_steps, o)
+        denoiser = self._in_coordinate(self.denoiser(guidance_scale), "t")
+        return invert_ddim(denoiser, x0, ts, cond, callback, schedule=self.noise_schedule) / scale
 
     @torch.no_grad()
     def generate(self, prompt, **kwargs) -> torch.Tensor:

@@ -181,7 +181,8 @@ def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_i
     measure them; returns the metrics and the images (seeded: the same call gives the same dict).
     The attribute sets add `attribute_accuracy` (name -> accuracy) and `all_attributes_accuracy`,
     and 'attributes_held_out' `held_out_rate`, the accuracy on the held-out attribute itself.
-    `sampling` (e.g. sampler="edm_heun", S_churn=10, eta) goes to `pipe.generate` and into the dict."""
+    `sampling` (e.g. sampler="edm_heun", S_churn=10, eta, guide=another pipeline) goes to `pipe.generate`
+    and into the dict (a guide as its denoiser's class and size)."""
     texts, labels, targets = (attribute_prompt_set(prompts) if prompts in ATTRIBUTE_PROMPT_SETS
                               else (*prompt_set(prompts), {}))
     all_prompts = [p for p in texts for _ in range(per_prompt)]
@@ -200,4 +201,7 @@ def evaluate_pipeline(pipe, prompts: str = "class", per_prompt: int = 100, num_i
         result["held_out_rate"] = held_out_rate(images, all_labels)
     result.update(prompts=prompts, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                   **sampling)
+    if sampling.get("guide") is not None:  # autoguidance's guide pipeline, recorded as what it is
+        guide = sampling["guide"].transformer
+        result["guide"] = f"{type(guide).__name__}, {sum(p.numel() for p in guide.parameters()):,} parameters"
     return result, images

@@ -215,6 +215,10 @@ PRESETS["MoE-DiT-XL/2"] = DiTConfig(hidden_size=1024, depth=20, num_heads=16, mi
 # Notebook 07's presets: the tiny DiT with adaLN-single, and with Integrator Neurons (T = 2 steps).
 PRESETS.update({"tiny-single": DiTConfig(adaln_single=True), "tiny-integrator": DiTConfig(integrator=True)})
 
+# Notebook 08's guide for autoguidance (Karras et al., 2024): a smaller DiT of the tiny one's family (half
+# the width, half the depth), trained for fewer steps on the same captions, encoder and VAE.
+PRESETS["tiny-guide"] = DiTConfig(hidden_size=64, depth=2, num_heads=2)
+
 
 def preset(name: str, **overrides) -> DiTConfig:
     """A fresh copy of the named config, with `overrides` (any DiTConfig field) applied.
