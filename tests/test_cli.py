@@ -328,7 +328,7 @@ def test_model_takes_a_shipped_name(tmp_path, monkeypatch):
     from tutorial_lib.cli import shipped_pipelines
     from tutorial_lib.paths import ASSETS_DIR
 
-    names = ("attr_t2i", "dit_t2i", "edm_t2i", "moe_t2i", "tiny_t2i")
+    names = ("attr_t2i", "dit_t2i", "dit_t2i_guide", "edm_t2i", "moe_t2i", "tiny_t2i")
     assert shipped_pipelines() == names
     required = {"posthoc-ema": ["--sigma-rels", "0.1"]}
     for command in ("sample", "evaluate", "posthoc-ema"):
@@ -349,7 +349,7 @@ def test_an_unknown_model_name_lists_the_shipped_ones(capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "python -m tutorial_lib sample: error: argument --model: 'dit_t2' is neither a folder nor a shipped model; "
-        "give a saved pipeline folder or one of attr_t2i, dit_t2i, edm_t2i, moe_t2i, tiny_t2i.")
+        "give a saved pipeline folder or one of attr_t2i, dit_t2i, dit_t2i_guide, edm_t2i, moe_t2i, tiny_t2i.")
     assert build_parser().parse_args(["sample", "--model", "./dit_t2i"]).model == Path("dit_t2i")  # a path: as given
 
 

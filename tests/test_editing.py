@@ -280,6 +280,30 @@ def test_autoguidance_with_a_smaller_guide_of_another_kind(pipe, tiny_text_encod
     assert torch.isfinite(out).all()
 
 
+@needs_minilm
+def test_the_shipped_guide_is_a_smaller_shorter_trained_dit_on_dit_t2i_latents():
+    """dit_t2i_guide: the tiny-guide preset (half dit_t2i's width and depth), 2,000 steps instead of 7,000, the
+    same captions, MiniLM and VAE; shipped without a vae/ folder (it loads the shipped VAE), through both loaders."""
+    from diffusers import DiffusionPipeline
+
+    from tutorial_lib.control import check_guide
+    from tutorial_lib.data.captions import CLASS_PROMPTS
+    from tutorial_lib.weights import asset
+
+    main, guide = (TextToImagePipeline.from_pretrained(asset(name)) for name in ("dit_t2i", "dit_t2i_guide"))
+    command = TextToImagePipeline.training_info(asset("dit_t2i_guide"))["command"]
+    assert "--preset tiny-guide --text-encoder minilm" in command and "--steps 2000" in command
+    assert sum(f.stat().st_size for f in asset("dit_t2i_guide").rglob("*") if f.is_file()) < 3e6
+    assert not (asset("dit_t2i_guide") / "vae").exists()
+    count = [sum(p.numel() for p in pipe.transformer.parameters()) for pipe in (main, guide)]
+    assert count[1] < count[0] / 5  # 0.32 M against 1.87 M
+    check_guide(main, guide)  # the same latents
+    prompts = list(CLASS_PROMPTS)[:2]
+    images = main.generate(prompts, num_inference_steps=10, guidance_scale=2.0, guide=guide)
+    theirs = DiffusionPipeline.from_pretrained(asset("dit_t2i_guide"), trust_remote_code=True)
+    assert torch.equal(main.generate(prompts, num_inference_steps=10, guidance_scale=2.0, guide=theirs), images)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_are_clear_errors(pipe, init, tiny_text_encoder, tiny_denoiser_config):
     g = dict(num_inference_steps=STEPS)
