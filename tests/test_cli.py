@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tutorial_lib import budget
-from tutorial_lib.cli import build_parser, main
+from tutorial_lib.cli import _train_config, build_parser, main
 
 from .conftest import REPO_ROOT
 
@@ -48,6 +48,9 @@ def test_parser_defaults():
     args = build_parser().parse_args(["train", "--steps", "5", "--preset", "base"])
     assert args.steps == 5 and args.preset == "base" and args.seed == 0
     assert args.device in ("cpu", "cuda")
+    args = build_parser().parse_args(["train", "--lr-schedule", "inverse_sqrt", "--lr-decay-start", "500"])
+    trainer = _train_config(args).trainer
+    assert (trainer.schedule, trainer.lr_decay_start) == ("inverse_sqrt", 500)
     args = build_parser().parse_args(["demo"])
     assert args.steps is None and args.per_prompt is None  # sized by the budget
 

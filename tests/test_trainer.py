@@ -165,6 +165,18 @@ def test_learning_rate_schedule():
     assert TrainerConfig(lr=2.0, warmup_steps=0, schedule="constant").lr_at(0) == 2.0
 
 
+def test_edm2_inverse_square_root_schedule():
+    """EDM2's Eq. 16: alpha_ref / sqrt(max(t / t_ref, 1)) after the warm-up; step s is the (s + 1)-th update."""
+    edm2 = TrainerConfig(steps=10_000, lr=1.0, warmup_steps=10, schedule="inverse_sqrt", lr_decay_start=100)
+    assert [edm2.lr_at(s) for s in (0, 9, 50, 99)] == pytest.approx([0.1, 1.0, 1.0, 1.0])
+    assert [edm2.lr_at(s) for s in (399, 899, 9999)] == pytest.approx([0.5, 1 / 3, 0.1])
+    for bad, message in [(dict(schedule="inverse_sqrt"), "lr_decay_start goes with"),
+                         (dict(schedule="cosine", lr_decay_start=100), "lr_decay_start goes with"),
+                         (dict(schedule="inverse_sqrt", lr_decay_start=0), "lr_decay_start must be >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            TrainerConfig(**bad)
+
+
 # ----------------------------------------------------------------------------- NaN guard
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     def loss_fn(model, batch, generator):

@@ -281,6 +281,7 @@ def _train_config(a):
                           input_perturbation=a.input_perturbation, P_mean=a.p_mean, P_std=a.p_std,
                           sigma_data=a.sigma_data, mask_ratio=a.mask_ratio)
     trainer = TrainerConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
+                            schedule=a.lr_schedule, lr_decay_start=a.lr_decay_start,
                             grad_accum_steps=a.grad_accum, ema_decay=a.ema_decay,
                             posthoc_ema_sigma_rels=a.posthoc_ema, posthoc_snapshot_every=a.posthoc_snapshot_every,
                             mixed_precision=a.mixed_precision, compile=a.compile, seed=a.seed,
@@ -794,6 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-data", type=float, default=None,
                    help="edm: the latents' std (default: measured from the training latents)")
     p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps (default: %(default)s)")
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant", "inverse_sqrt"),
+                   help="after warm-up: cosine decay to 5%%, constant, or EDM2's inverse square root from "
+                   "--lr-decay-start (default: %(default)s)")
+    p.add_argument("--lr-decay-start", type=int, default=None,
+                   help="inverse_sqrt: the step from which lr falls as sqrt(start / step) (EDM2's t_ref)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per step; --batch-size is the whole step's (default: %(default)s)")
     p.add_argument("--ema-decay", type=float, default=0.999,

@@ -33,3 +33,11 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.05) -> fl
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_inverse_sqrt(step: int, warmup: int, decay_start: int) -> float:
+    """LR multiplier of EDM2 (Karras et al., 2024, "Analyzing and Improving the Training Dynamics of
+    Diffusion Models", Eq. 16): linear warm-up to 1, constant until `decay_start` steps (their t_ref),
+    then inverse-square-root decay, alpha(t) = alpha_ref / sqrt(max(t / t_ref, 1)). It never anneals to
+    a floor, so the late weights keep moving and the EMA length still matters at the end."""
+    return min(1.0, (step + 1) / max(1, warmup)) / math.sqrt(max((step + 1) / decay_start, 1.0))

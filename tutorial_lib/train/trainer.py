@@ -79,11 +79,11 @@ from ..weights import atomic_write
 from . import distributed
 from .checkpoint import CheckpointError  # noqa: F401 (what load_checkpoint raises: importable from here too)
 from .checkpoint import Checkpointer, Progress, TrainingState, model_record
-from .common import warmup_cosine
+from .common import warmup_cosine, warmup_inverse_sqrt
 from .ema import EMA, MAX_SIGMA_REL, SNAPSHOT_NAME, PowerEMA
 from .loader import Gathered, MicroBatches, ShuffledBatches, in_cpu_memory, tree_map, whole_batch
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "inverse_sqrt")
 PRECISIONS = ("no", "bf16", "fp16")
 PARALLELISMS = ("ddp", "fsdp", "hsdp")
 SHARDED = ("fsdp", "hsdp")  # the parallelisms that shard (distributed.shard)
@@ -107,8 +107,11 @@ class TrainerConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
     weight_decay: float = 0.01  # on parameters with >= 2 dimensions; none on biases and norms
     warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
-    schedule: str = "cosine"  # after warm-up: "constant", or "cosine" down to lr * min_lr_ratio
+    # after warm-up: "constant"; "cosine" down to lr * min_lr_ratio; or EDM2's "inverse_sqrt": constant until
+    # lr_decay_start steps, then lr * sqrt(lr_decay_start / step)
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.05
+    lr_decay_start: int | None = None
     grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping (the norm is still logged)
     ema_decay: float = 0.999
     # EDM2's post-hoc EMA (ema.py): the sigma_rels of the power-function EMAs to track, e.g. (0.05, 0.10),
@@ -157,6 +160,11 @@ class TrainerConfig:
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            ((self.schedule == "inverse_sqrt") == (self.lr_decay_start is not None),
+             f"lr_decay_start goes with schedule 'inverse_sqrt' (the step its decay starts), and only with it; "
+             f"got schedule {self.schedule!r} and lr_decay_start {self.lr_decay_start}"),
+            (self.lr_decay_start is None or self.lr_decay_start >= 1,
+             f"lr_decay_start must be >= 1, got {self.lr_decay_start}"),
             (self.grad_clip is None or self.grad_clip > 0,
              f"grad_clip must be > 0 or None, got {self.grad_clip}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
@@ -196,6 +204,8 @@ class TrainerConfig:
         """The learning rate of optimizer step `step` (0-based)."""
         if self.schedule == "cosine":
             return self.lr * warmup_cosine(step, self.steps, self.warmup_steps, self.min_lr_ratio)
+        if self.schedule == "inverse_sqrt":
+            return self.lr * warmup_inverse_sqrt(step, self.warmup_steps, self.lr_decay_start)
         return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
 
     def workers(self, device: torch.device, data_on_cpu: bool = True) -> int:
