@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Notebook 05's post-hoc EMA under EDM2's learning-rate schedule (Karras et al., 2024, Eq. 16): the
+# shipped edm_t2i's command, changed only in its schedule (constant, then inverse square root from
+# step 500, instead of a cosine decay to 5%), tracking the same two power-function EMAs with a
+# snapshot every 250 steps; then the sweep of sigma_rel from 0.01 to 0.3 at two sampling seeds (one
+# one-thread process per seed), n = 1,000 each, recorded as JSON with its command in
+# tutorial_lib/assets/records/edm2_posthoc/, which notebook 05 reads.
+# Usage: scripts/edm2_posthoc_study.sh [DEVICE]     (about 30 + 35 minutes on a 2-core CPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${1:-cpu}
+OUT=outputs/edm_t2i_edm2
+RECORDS=tutorial_lib/assets/records/edm2_posthoc
+LENGTHS=0.01,0.015,0.025,0.035,0.05,0.07,0.1,0.14,0.19,0.25,0.3
+mkdir -p "$RECORDS"
+if [ ! -f "$OUT/model_index.json" ]; then
+  resume=""; [ -e "$OUT/run/checkpoints/latest" ] && resume="--resume"
+  .venv/bin/python -m tutorial_lib train --model dit --preset tiny --text-encoder minilm --prediction edm \
+    --p-mean -0.5 --steps 7000 --batch-size 128 --lr 1e-3 --warmup 200 --lr-schedule inverse_sqrt \
+    --lr-decay-start 500 --posthoc-ema 0.05,0.10 --posthoc-snapshot-every 250 --device "$DEVICE" \
+    --out "$OUT" $resume
+fi
+# what the run recorded about itself (command, seconds, final loss, config), next to the sweeps
+.venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1]))['_tutorial_lib']; \
+json.dump(d, open(sys.argv[2], 'w'), indent=1)" "$OUT/model_index.json" "$RECORDS/train.json"
+for seed in 0 1; do
+  OMP_NUM_THREADS=1 .venv/bin/python -m tutorial_lib posthoc-ema --model "$OUT" --sigma-rels "$LENGTHS" \
+    --evaluate --prompts class --per-prompt 100 --inference-steps 18 --seed "$seed" --device "$DEVICE" \
+    --json "$RECORDS/posthoc_ema_sweep_seed$seed.json" > "$OUT/sweep_seed$seed.log" &
+done
+wait
