@@ -24,6 +24,7 @@ FIGURES = {
     "05_edm": ("nb05-26", 0, "05_samplers.png"),
     "06_moe_at_scale": ("nb06-09", 0, "06_routing.png"),
     "07_architectures": ("nb07-15", 0, "07_zoo.png"),
+    "08_controlling_a_trained_model": ("nb08-11", 0, "08_image_to_image.png"),
     "shipped": ("269afc40", 0, "shipped_dit_t2i.png"),  # notebook 03's grid of the shipped DiT
 }
 
