@@ -47,14 +47,12 @@ def reference_condition(pipe, prompts: list[str], negative_prompt, guide):
 def check_guide(pipe, guide):
     """A guide must be a pipeline that denoises the same latents: the same VAE (weights hash) and latent
     shape. Its prediction and schedule may differ (`guide_denoiser` converts them)."""
-    from .pipeline import TextToImagePipeline, latent_shape
-
-    if not isinstance(guide, TextToImagePipeline):
+    if not all(hasattr(guide, name) for name in ("x0_network", "latent_shape", "text_encoder", "vae", "device")):
         raise ValueError(f"guide is another TextToImagePipeline (e.g. TextToImagePipeline.from_pretrained("
                          f"asset('dit_t2i_guide'))), got {type(guide).__name__}.")
     if guide.device != pipe.device:
         raise ValueError(f"The guide is on {guide.device}, this pipeline on {pipe.device}: move it, guide.to({str(pipe.device)!r}).")
-    ours, theirs = latent_shape(pipe.transformer), latent_shape(guide.transformer)
+    ours, theirs = pipe.latent_shape, guide.latent_shape
     if ours != theirs:
         raise ValueError(f"The guide denoises {theirs} latents, this model {ours}: a guide must work in the same "
                          "latent space; train it on the same VAE's latents (e.g. dit_t2i_guide for dit_t2i).")

@@ -324,6 +324,11 @@ class TextToImagePipeline(DiffusionPipeline):
             m.to(device=device, dtype=dtype)
         return self
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the latents this pipeline's denoiser draws (`latent_shape` of its transformer)."""
+        return latent_shape(self.transformer)
+
     def x0_network(self):
         """The unguided x0-denoiser in the model's own coordinate: D(x_t, t [B], cond) for a VP or flow
         model (its prediction converted, `parametrizations.x0_denoiser`), D(x, sigma [B], cond) for an EDM
