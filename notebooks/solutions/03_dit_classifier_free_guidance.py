@@ -3,15 +3,11 @@
 import torch
 
 
-def sincos_2d_from_scratch(h, w, dim):
-    quarter = dim // 4
-    omega = 10_000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [dim / 4]
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # token k: (k // w, k % w)
-    parts = []
-    for pos in (rows.reshape(-1), cols.reshape(-1)):
-        angles = pos[:, None] * omega[None]  # [h * w, dim / 4]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()  # [h * w, dim]: sin, cos of the row, then of the column
+def timestep_embedding_from_scratch(t, dim):
+    half = dim // 2
+    omega = 10_000.0 ** (-torch.arange(half, dtype=torch.float64) / half)  # [dim / 2], from 1 down to ~1e-4
+    args = 1000.0 * t.double()[:, None] * omega[None]  # [B, dim / 2]: the level as a DDPM step index
+    return torch.cat([args.cos(), args.sin()], dim=1).float()  # [B, dim]
 
 
 def adaln_zero_(block):

@@ -5,19 +5,16 @@ import torch
 from tutorial_lib.diffusion.guidance import cfg_denoiser
 from tutorial_lib.exercises import dit
 from tutorial_lib.models.dit import DiT, DiTConfig
-from tutorial_lib.models.layers import sincos_2d
+from tutorial_lib.models.layers import timestep_embedding
 
 from . import Exercise
 
 NOTEBOOK = "03_dit_classifier_free_guidance"
 
 
-def _xy_grid(h, w, dim):  # meshgrid's "xy" indexing: the tokens walk the grid column by column
-    quarter = dim // 4
-    omega = 10_000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="xy")
-    angles = [pos.reshape(-1)[:, None] * omega[None] for pos in (rows, cols)]
-    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+def _sine_first(t, dim):  # the halves in the other order, as in Vaswani et al.'s text embedding
+    args = 1000.0 * t.double()[:, None] * 10_000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    return torch.cat([args.sin(), args.cos()], dim=1)
 
 
 def _library_init(block):  # copy a fresh DiT's first block: DiT's own initialisation
@@ -53,8 +50,8 @@ def _equal_average(x_t, alpha, sigma, c, w, means, s):  # the unconditional as a
 
 
 EXERCISES = [
-    Exercise(dit.check_sincos_2d, "sincos_2d_from_scratch", shortcut=lambda h, w, dim: sincos_2d(h, w, dim),
-             bug=_xy_grid, hint="indexing='ij'"),
+    Exercise(dit.check_timestep_embedding, "timestep_embedding_from_scratch",
+             shortcut=lambda t, dim: timestep_embedding(t, dim), bug=_sine_first, hint="the cosines come first"),
     Exercise(dit.check_adaln_zero, "adaln_zero_", shortcut=_library_init, bug=_gates_only, hint="cross_attn.out"),
     Exercise(dit.check_guided_mixture, "guided_mixture_x0", shortcut=_library_cfg, bug=_equal_average,
              hint="not an equal average", predicts=True),

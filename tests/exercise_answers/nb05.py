@@ -53,14 +53,8 @@ def _sde_with_the_library_churn(denoiser, noise, sigmas, generator):  # churn at
 
 
 def _sde_exact_variance(denoiser, noise, sigmas, generator):  # noise std sqrt(sigma_i^2 - sigma_(i+1)^2), not sqrt(2 sigma_i h)
-    x = noise * sigmas[0]
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x0_hat = denoiser(x, sigma.expand(len(x)))
-        if sigma_next == 0:
-            return x0_hat
-        h = sigma - sigma_next
-        x = x + 2 * h / sigma * (x0_hat - x) + (sigma**2 - sigma_next**2).sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
-    return x
+    return edm._reverse_sde_reference(denoiser, noise, sigmas, generator,
+                                      noise_std=lambda sigma, h: (sigma**2 - (sigma - h) ** 2).sqrt())
 
 
 def _fixed_ema_with_the_library_profiles(snapshot_steps, snapshot_gammas, t, decay):

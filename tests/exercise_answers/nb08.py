@@ -17,19 +17,7 @@ def _library_round_trip(x0_hat, z, ts):
 
 
 def _evaluated_where_it_comes_from(x0_hat, z, ts):  # the inversion's estimate at the lower level
-    x, up = z, ts.flip(0)
-    for s, t in zip(up[:-1], up[1:]):
-        (a_s, s_s), (a_t, s_t) = COSINE.alpha_sigma(s), COSINE.alpha_sigma(t)
-        x0 = x0_hat(x, s)
-        eps = (x - a_t * x0) / s_t
-        x = a_t * (x - s_s * eps) / a_s + s_t * eps
-    for t, s in zip(ts[:-1], ts[1:]):
-        x0 = x0_hat(x, t)
-        if s == 0:
-            return x0
-        (a_t, s_t), (a_s, s_s) = COSINE.alpha_sigma(t), COSINE.alpha_sigma(s)
-        x = a_s * x0 + s_s * (x - a_t * x0) / s_t
-    return x
+    return control._round_trip_reference(x0_hat, z, ts, evaluate_at_target=False)
 
 
 def _library_inpainting(denoiser, z, noise, mask, schedule):

@@ -1,4 +1,4 @@
-"""Notebook 03's exercises: the 2-D sin-cos position embedding, adaLN-Zero's identity start, and
+"""Notebook 03's exercises: the sinusoidal embedding of the noise level, adaLN-Zero's identity start, and
 classifier-free guidance on data whose denoisers are exact (with a prediction)."""
 
 from __future__ import annotations
@@ -9,49 +9,43 @@ import torch
 
 from ..diffusion.guidance import cfg_denoiser
 from ..models.dit import DiT, DiTBlock, DiTConfig
-from ..models.layers import sincos_2d
+from ..models.layers import timestep_embedding
 from ..text import TextEmbedding
 from . import exercise_check
 
 
-def _sincos_reference(h: int, w: int, dim: int, column_major: bool = False) -> torch.Tensor:
-    """Written out one entry at a time: token k at row k // w, column k % w; channels
-    [sin(row w_i), cos(row w_i), sin(col w_i), cos(col w_i)], w_i = 10000^(-i / (dim / 4)).
-    column_major: the tokens walk the grid column by column instead (a mistake the hints name)."""
-    quarter = dim // 4
-    out = torch.empty(h * w, dim, dtype=torch.float64)
-    for k in range(h * w):
-        row, col = divmod(k, w) if not column_major else (k % h, k // h)
-        for i in range(quarter):
-            freq = 10_000.0 ** (-i / quarter)
-            out[k, i], out[k, quarter + i] = math.sin(row * freq), math.cos(row * freq)
-            out[k, 2 * quarter + i], out[k, 3 * quarter + i] = math.sin(col * freq), math.cos(col * freq)
+def _timestep_reference(t: torch.Tensor, dim: int, scale: float = 1000.0, cos_first: bool = True) -> torch.Tensor:
+    """Written out one entry at a time: channel i < dim/2 is cos(scale t w_i), channel dim/2 + i is
+    sin(scale t w_i), w_i = 10000^(-i / (dim / 2)). scale and cos_first: mistakes the hints name."""
+    half = dim // 2
+    out = torch.empty(len(t), dim, dtype=torch.float64)
+    for b, tb in enumerate(t.tolist()):
+        for i in range(half):
+            arg = scale * tb * 10_000.0 ** (-i / half)
+            first, second = (math.cos(arg), math.sin(arg)) if cos_first else (math.sin(arg), math.cos(arg))
+            out[b, i], out[b, half + i] = first, second
     return out
 
 
-@exercise_check(refuses=[sincos_2d])
-def check_sincos_2d(answer) -> str | None:
-    """answer(h, w, dim) -> [h * w, dim]: the DiT's fixed 2-D sin-cos position embedding."""
-    for h, w, dim in [(3, 5, 8), (2, 6, 12), (4, 4, 16), (8, 8, 128)]:  # non-square first: a swap shows
-        want = _sincos_reference(h, w, dim)
-        got = torch.as_tensor(answer(h, w, dim)).double()
+@exercise_check(refuses=[timestep_embedding])
+def check_timestep_embedding(answer) -> str | None:
+    """answer(t [B] in [0, 1], dim) -> [B, dim]: the DiT's sinusoidal embedding of the noise level."""
+    g = torch.Generator().manual_seed(0)
+    for n, dim in [(5, 8), (7, 32), (16, 256)]:
+        t = torch.cat([torch.tensor([0.0, 1.0]), torch.rand(n - 2, generator=g)])
+        want = _timestep_reference(t, dim)
+        got = torch.as_tensor(answer(t.clone(), dim)).double()
         if got.shape != want.shape:
-            return f"{h} x {w} grid, dim {dim}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}."
-        if torch.allclose(got, want, atol=1e-5):
+            return f"{n} levels, dim {dim}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}."
+        if torch.allclose(got, want, atol=1e-4):  # float32 arguments up to 1000: about 1e-4 in sin and cos
             continue
-        swapped = _sincos_reference(h, w, dim, column_major=True)
-        halves = torch.cat([want[:, dim // 2:], want[:, :dim // 2]], dim=1)
-        if h != w and torch.allclose(got, swapped, atol=1e-5):
-            return (f"{h} x {w} grid: the tokens walk the grid column by column. Token k sits at row k // w and "
-                    "column k % w (raster order): build the grid with meshgrid(..., indexing='ij').")
-        if torch.allclose(got, halves, atol=1e-5):
-            return ("the two halves are swapped: the first dim / 2 channels encode the row (k // w), the last dim / 2 "
-                    "the column (k % w); with meshgrid, use indexing='ij'.")
-        if torch.allclose(got[:1], want[:1], atol=1e-5):
-            return (f"{h} x {w} grid, dim {dim}: position (0, 0) is right, others are not. Check the frequencies: "
-                    "w_i = 10000^(-i / (dim / 4)) for i = 0 .. dim/4 - 1 (each of the four blocks has dim / 4 channels).")
-        return (f"{h} x {w} grid, dim {dim}: the values differ. Position (0, 0) must be [0, 1, 0, 1] per block "
-                "of channels: sin then cos of the row, sin then cos of the column.")
+        if torch.allclose(got, _timestep_reference(t, dim, cos_first=False), atol=1e-4):
+            return "the cosines come first: channels [cos(1000 t w_i) for every i, then sin(1000 t w_i)]."
+        if torch.allclose(got, _timestep_reference(t, dim, scale=1.0), atol=1e-4):
+            return ("the level is fed as 1000 t, the step index of a 1000-step DDPM (DiT's convention): with t in "
+                    "[0, 1] alone every frequency but the first barely moves between t = 0 and 1.")
+        return (f"{n} levels, dim {dim}: the values differ. At t = 0 the embedding is [1, ..., 1, 0, ..., 0]; check the "
+                "frequencies, w_i = 10000^(-i / (dim / 2)) for i = 0 .. dim/2 - 1.")
     return None
 
 

@@ -149,14 +149,16 @@ def check_fixed_ema_from_snapshots(answer) -> str | None:
     return None
 
 
-def _reverse_sde_reference(denoiser, noise, sigmas, generator):
+def _reverse_sde_reference(denoiser, noise, sigmas, generator, noise_std=lambda sigma, h: (2 * sigma * h).sqrt()):
+    """Euler-Maruyama from sigmas[0] down; each step adds noise of std noise_std(sigma, h), h the step in sigma:
+    sqrt(2 sigma h) from the SDE's diffusion sqrt(2 sigma) (another std is a mistake the tests plant)."""
     x = noise * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         x0_hat = denoiser(x, sigma.expand(len(x)))
         if sigma_next == 0:
             return x0_hat
         h = sigma - sigma_next
-        x = x + 2 * h / sigma * (x0_hat - x) + (2 * sigma * h).sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x + 2 * h / sigma * (x0_hat - x) + noise_std(sigma, h) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
     return x
 
 
