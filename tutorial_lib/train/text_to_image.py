@@ -287,6 +287,19 @@ def diffusion_loss(model, x0: torch.Tensor, text, objective: Objective,
     return loss, metrics
 
 
+def held_out_losses(model, x0: torch.Tensor, text: TextEmbedding, objective: Objective, chunks: int = 16,
+                    seed: int = 1234) -> torch.Tensor:
+    """The objective's loss on held-out latents x0 [N, C, H, W] with their captions `text`, in `chunks`
+    equal parts -> [chunks]. One generator seeded `seed` draws the noise and t of every part, so every
+    model given the same data sees the same noisy inputs: differences are the models'. The parts make a
+    bootstrap over the data possible (notebook 06's scaling study)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return torch.stack([diffusion_loss(model, x0[i], TextEmbedding(text.tokens[i], text.mask[i]), objective,
+                                           generator)[0].detach().cpu()
+                            for i in torch.arange(len(x0)).chunk(chunks)])
+
+
 def _t_diffusion_loss(model, x0: torch.Tensor, text, objective: Objective, generator: torch.Generator,
                       net_kwargs: dict | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss in t (module docstring) for x0, prediction x0, eps, v or flow."""
