@@ -18,7 +18,8 @@ from tutorial_lib.diffusion.parametrizations import PREDICTIONS, prediction_targ
 from tutorial_lib.models.dit import DiT, preset
 from tutorial_lib.pipeline import EPS_T_MAX, TextToImagePipeline
 from tutorial_lib.text import OneHotConfig, OneHotEncoder, clear_memory_cache, prompt_label
-from tutorial_lib.train.text_to_image import (CaptionConditioned, Objective, TextToImageConfig, build,
+from tutorial_lib.text.base import TextEmbedding
+from tutorial_lib.train.text_to_image import (CaptionConditioned, Objective, TextToImageConfig, build, held_out_losses,
                                               class_caption_rows, diffusion_loss, edm_diffusion_loss,
                                               make_loss_fn, train_text_to_image)
 from tutorial_lib.train.trainer import TrainerConfig
@@ -529,3 +530,17 @@ def test_cli_tiny_transformer_is_notebook_01s_recipe_through_the_trainer():
     assert isinstance(model.transformer, TinyTransformer) and not model.text_encoder.frozen
     with pytest.raises(ValueError, match="configured by a TinyTransformerConfig, got a DiTConfig"):
         TextToImageConfig(architecture="tiny_transformer")
+
+
+def test_held_out_losses_are_the_diffusion_loss_of_each_part_on_one_seeded_stream():
+    x0 = torch.randn(12, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = TextEmbedding(torch.randn(12, 3, 8, generator=torch.Generator().manual_seed(1)), torch.ones(12, 3, dtype=torch.bool))
+    model = lambda x_t, t, text: 0.5 * x_t  # noqa: E731 (any denoiser callable)
+    parts = held_out_losses(model, x0, text, Objective(prediction="v"), chunks=3, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    expected = [diffusion_loss(model, x0[i:i + 4], TextEmbedding(text.tokens[i:i + 4], text.mask[i:i + 4]),
+                               Objective(prediction="v"), generator)[0] for i in (0, 4, 8)]
+    torch.testing.assert_close(parts, torch.stack(expected))
+    # the noise comes from the seed alone, not the global generator: every model sees the same inputs
+    torch.manual_seed(123)
+    torch.testing.assert_close(held_out_losses(model, x0, text, Objective(prediction="v"), chunks=3, seed=7), parts)
