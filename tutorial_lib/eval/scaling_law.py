@@ -95,4 +95,4 @@ def fit_saturating_power_law(compute, loss, alpha_range: tuple[float, float] = (
     alpha = (lo + hi) / 2
     E, A, sse_best = _fit_at(alpha, x, loss)
     # back to C in FLOP: A (C / scale)^(-alpha) = (A scale^alpha) C^(-alpha)
-    return PowerLawFit(E=E, A=A * scale ** alpha, alpha=alpha, rms=math.sqrt(sse_best / len(loss)), n=len(loss))
+    return PowerLawFit(E=E, A=float(A * scale ** alpha), alpha=float(alpha), rms=math.sqrt(sse_best / len(loss)), n=len(loss))
