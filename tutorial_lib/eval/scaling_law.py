@@ -12,8 +12,10 @@ measures a loss L on held-out data. Two steps turn those runs into a law:
        L(C) = E + A * C^(-alpha),    E >= 0, A >= 0,
 
    where E is the loss that no compute removes (the data's own entropy for a language model; for a
-   denoiser, the irreducible error of predicting v from a noisy input). Kaplan et al. (2020) fit a pure
-   power law (E = 0); Hoffmann et al. (2022, Eq. 2) add E. Without E the fitted exponent falls as the
+   denoiser, the irreducible error of predicting v from a noisy input): the form Henighan et al. (2020,
+   *Scaling Laws for Autoregressive Generative Modeling*) fit to compute frontiers. Kaplan et al.
+   (2020) fit a pure power law (E = 0); Hoffmann et al. (2022, Eq. 2) keep E in a law of parameters
+   and data. Without E the fitted exponent falls as the
    losses approach their floor, and an extrapolation runs below it.
 
 `fit_saturating_power_law` solves the least-squares problem exactly in (E, A) for each alpha (a
@@ -74,8 +76,8 @@ def _fit_at(alpha: float, x: np.ndarray, loss: np.ndarray) -> tuple[float, float
 
 
 def fit_saturating_power_law(compute, loss, alpha_range: tuple[float, float] = (0.005, 3.0)) -> PowerLawFit:
-    """Least-squares fit of L = E + A * C^(-alpha) with E, A >= 0 and alpha in `alpha_range`
-    (Hoffmann et al., 2022, Eq. 2, in squared error on L instead of their Huber loss on log L)."""
+    """Least-squares fit of L = E + A * C^(-alpha) with E, A >= 0 and alpha in `alpha_range` (in squared
+    error on L; Hoffmann et al., 2022, minimise a Huber loss on log L instead)."""
     compute, loss = _check(compute, loss)
     if len(compute) < 3:
         raise ValueError(f"A saturating power law has 3 parameters: fit it to at least 3 points, got {len(compute)}.")
