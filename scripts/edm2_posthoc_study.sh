@@ -5,7 +5,7 @@
 # swept range (sigma_rel 0.01 and 0.30) with a snapshot every 100 steps; then the sweep of sigma_rel
 # from 0.01 to 0.3 at two sampling seeds (one one-thread process per seed), n = 1,000 each, recorded
 # as JSON with its command in tutorial_lib/assets/records/edm2_posthoc/, which notebook 05 reads.
-# Usage: scripts/edm2_posthoc_study.sh [DEVICE]     (about 22 + 20 minutes on a 2-core CPU)
+# Usage: scripts/edm2_posthoc_study.sh [DEVICE]     (about 21 + 10 minutes on a 2-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${1:-cpu}

@@ -16,7 +16,8 @@ budget comes from that file. Each model is scored as in notebook 06: 100 samples
 
 Usage: python scripts/masking_study.py --tokens 64 --seed 0 [--device cpu]
 Records: tutorial_lib/assets/records/masking_tokens/ (one JSON per run, with this command); models in
-outputs/masking_study/. About 12 minutes per seed at 64 tokens and 5 at 16 on a 2-core CPU.
+outputs/masking_study/. About 22 minutes per seed at 64 tokens and 8 at 16 on one core of a 2-core CPU,
+plus 6 and 2 minutes for the first run's timing.
 """
 import argparse
 import json

@@ -10,7 +10,7 @@ The measure is the held-out loss of notebook 06: the plain v-loss of the trained
 
 Usage: python scripts/scaling_study.py --family dense|moe [--device cpu]
 Records: tutorial_lib/assets/records/scaling/<family>-w<width>-s<steps>.json, each with this command;
-notebook 06 fits the frontier of each family. About 15 minutes per family on one CPU core.
+notebook 06 fits the frontier of each family. About 18 minutes per family on one CPU core.
 """
 import argparse
 import json
