@@ -45,6 +45,7 @@ OUT = Path("outputs/masking_study")
 BATCH, DENSE_STEPS, FINETUNE_SHARE, MASK_RATIO, TEXT_LEN = 128, 350, 0.2, 0.75, 16
 PATCH = {16: 2, 64: 1}  # tokens -> patch size on the 8x8 latents
 TIMED_STEPS = (10, 30)  # two timed runs per recipe; their difference is 20 steps of pure training
+STAGES = (("dense", False, 0.0), ("masked", True, MASK_RATIO), ("mixer_unmasked", True, 0.0))  # name, mixer?, ratio
 
 
 def write_json(path: Path, record: dict):
@@ -76,7 +77,7 @@ def train(tokens, masked, mask_ratio, steps, seed, folder, data, device, init_fr
 def measure_speed(tokens, data, device) -> dict:
     """Seconds per training step of each stage (dense, masked, the mixer model unmasked) at batch 128."""
     per_step = {}
-    for stage, masked, ratio in (("dense", False, 0.0), ("masked", True, MASK_RATIO), ("mixer_unmasked", True, 0.0)):
+    for stage, masked, ratio in STAGES:
         times = []
         for repeat in range(3):
             t = [train(tokens, masked, ratio, n, 0, OUT / "speed" / f"{stage}-{n}-{repeat}", data, device)[1]
@@ -85,8 +86,7 @@ def measure_speed(tokens, data, device) -> dict:
         per_step[stage] = statistics.median(times)
         print(f"[speed] {tokens} tokens, {stage}: {per_step[stage]:.4f} s per step (runs: {times})", flush=True)
     flops = {stage: 3 * dit_cost(model_config(tokens, masked), text_len=TEXT_LEN, mask_ratio=ratio).flops
-             for stage, masked, ratio in (("dense", False, 0.0), ("masked", True, MASK_RATIO),
-                                          ("mixer_unmasked", True, 0.0))}
+             for stage, masked, ratio in STAGES}
     return {"tokens": tokens, "patch_size": PATCH[tokens], "batch_size": BATCH, "threads": torch.get_num_threads(),
             "seconds_per_step": per_step, "images_per_s": {k: BATCH / v for k, v in per_step.items()},
             "train_flops_per_image": flops, "timed_steps": TIMED_STEPS, "repeats": 3}
