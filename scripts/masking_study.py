@@ -1,6 +1,6 @@
 """Patch masking against dense training at a given token count: notebook 06's study, recorded.
 
-Three recipes of notebook 06's tiny DiT (width 128, 4 blocks; v, min-SNR-5, batch 128, lr 1e-3), for
+Three recipes of notebook 06's tiny DiT (width 128, 4 blocks; `study_config`'s recipe, batch 128), for
 one training seed, at N = 16 tokens (patch 2 on the 8x8x4 latents) or N = 64 (patch 1):
 
   dense               `tiny`, DENSE_STEPS steps: the budget
@@ -35,8 +35,7 @@ from tutorial_lib.eval.metrics import evaluate_pipeline
 from tutorial_lib.models.dit import dit_cost, preset
 from tutorial_lib.pipeline import TextToImagePipeline
 from tutorial_lib.text import text_encoder
-from tutorial_lib.train.text_to_image import Objective, TextToImageConfig, train_text_to_image
-from tutorial_lib.train.trainer import TrainerConfig
+from tutorial_lib.train.text_to_image import study_config, train_text_to_image
 from tutorial_lib.vae.autoencoder import load_vae
 from tutorial_lib.weights import ASSETS_DIR, atomic_write
 
@@ -58,12 +57,8 @@ def model_config(tokens: int, masked: bool):
 
 def train(tokens, masked, mask_ratio, steps, seed, folder, data, device, init_from=None):
     """One training run of the study's recipe; returns (pipeline, seconds, config dict)."""
-    cfg = TextToImageConfig(
-        model=model_config(tokens, masked), text_encoder="minilm", init_from=init_from,
-        objective=Objective(prediction="v", min_snr_gamma=5.0, mask_ratio=mask_ratio),
-        trainer=TrainerConfig(steps=steps, batch_size=BATCH, lr=1e-3, warmup_steps=min(100, steps // 4),
-                              checkpoint_every=steps, log_every=max(1, steps // 10), out_dir=str(folder / "run"),
-                              device=device, tensorboard=False, seed=seed))
+    cfg = study_config(model_config(tokens, masked), steps, str(folder / "run"), mask_ratio=mask_ratio,
+                       init_from=init_from, batch_size=BATCH, device=device, seed=seed)
     latents, labels, minilm, vae = data
     shutil.rmtree(folder, ignore_errors=True)  # a run that did not finish starts again (its record is missing)
     start = time.perf_counter()

@@ -1,9 +1,8 @@
 """Notebook 06's scaling study at full length, recorded: every size at four compute budgets.
 
 Five widths of the tiny DiT (32, 48, 64, 96, 128; depth 4, 4 heads, 16 tokens), dense (`tiny`) or
-MoE (`tiny-moe`'s experts), each trained for 100, 200, 400 and 800 steps of batch 128 (v, min-SNR-5,
-lr 1e-3, warm-up a quarter of the steps up to 100, cosine decay: each budget a run of its own, so
-that every run ends its schedule). Training compute C = 3 x the forward FLOPs of `dit_cost` x images.
+MoE (`tiny-moe`'s experts), each trained for 100, 200, 400 and 800 steps of batch 128 with
+`study_config`'s recipe (each budget a run of its own, so that every run ends its schedule). Training compute C = 3 x the forward FLOPs of `dit_cost` x images.
 The measure is the held-out loss of notebook 06: the plain v-loss of the trained weights on the first
 1,024 test latents with their class prompts, in 16 parts with the same noise and t for every model
 (`held_out_losses`), kept per part for the notebook's bootstrap.
@@ -24,8 +23,7 @@ from tutorial_lib.data.captions import CLASS_PROMPTS
 from tutorial_lib.data.latents import latent_cache
 from tutorial_lib.models.dit import dit_cost, preset
 from tutorial_lib.text import text_encoder
-from tutorial_lib.train.text_to_image import Objective, TextToImageConfig, held_out_losses, train_text_to_image
-from tutorial_lib.train.trainer import TrainerConfig
+from tutorial_lib.train.text_to_image import Objective, held_out_losses, study_config, train_text_to_image
 from tutorial_lib.weights import ASSETS_DIR, atomic_write
 
 RECORDS = ASSETS_DIR / "records" / "scaling"
@@ -52,11 +50,7 @@ def main():
                 continue
             model_cfg = preset(PRESETS[a.family], hidden_size=width, num_heads=4, text_dim=384)
             with tempfile.TemporaryDirectory(prefix="scaling-") as out:
-                cfg = TextToImageConfig(
-                    model=model_cfg, text_encoder="minilm", objective=Objective(prediction="v", min_snr_gamma=5.0),
-                    trainer=TrainerConfig(steps=steps, batch_size=BATCH, lr=1e-3, warmup_steps=min(100, steps // 4),
-                                          checkpoint_every=steps, log_every=max(1, steps // 10), device=a.device,
-                                          out_dir=out, tensorboard=False))
+                cfg = study_config(model_cfg, steps, out, batch_size=BATCH, device=a.device)
                 start = time.perf_counter()
                 trainer = train_text_to_image(cfg, latents, labels, encoder=minilm)
                 seconds = time.perf_counter() - start

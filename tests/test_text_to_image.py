@@ -21,7 +21,7 @@ from tutorial_lib.text import OneHotConfig, OneHotEncoder, clear_memory_cache, p
 from tutorial_lib.text.base import TextEmbedding
 from tutorial_lib.train.text_to_image import (CaptionConditioned, Objective, TextToImageConfig, build, held_out_losses,
                                               class_caption_rows, diffusion_loss, edm_diffusion_loss,
-                                              make_loss_fn, train_text_to_image)
+                                              make_loss_fn, study_config, train_text_to_image)
 from tutorial_lib.train.trainer import TrainerConfig
 
 N = 32
@@ -544,3 +544,18 @@ def test_held_out_losses_are_the_diffusion_loss_of_each_part_on_one_seeded_strea
     # the noise comes from the seed alone, not the global generator: every model sees the same inputs
     torch.manual_seed(123)
     torch.testing.assert_close(held_out_losses(model, x0, text, Objective(prediction="v"), chunks=3, seed=7), parts)
+
+
+@pytest.mark.parametrize("steps, warmup", [(8, 2), (120, 30), (800, 100)])
+def test_study_config_is_notebook_06s_recipe(tmp_path, steps, warmup):
+    model = preset("tiny-mixer", hidden_size=32, num_heads=2, text_dim=384)
+    cfg = study_config(model, steps, str(tmp_path), mask_ratio=0.75, seed=3)
+    assert (cfg.model, cfg.text_encoder, cfg.init_from) == (model, "minilm", None)
+    assert cfg.objective == Objective(prediction="v", min_snr_gamma=5.0, mask_ratio=0.75)
+    t = cfg.trainer
+    assert (t.steps, t.batch_size, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio) == (steps, 128, 1e-3, warmup, "cosine", 0.05)
+    assert (t.checkpoint_every, t.log_every, t.seed, t.out_dir, t.tensorboard) == (steps, max(1, steps // 10), 3, str(tmp_path), False)
+    assert TextToImageConfig.from_dict(cfg.to_dict()) == cfg
+    # masking needs the DiT's patch-mixer: the config refuses a mask ratio the model cannot train with
+    with pytest.raises(ValueError, match="mask_ratio"):
+        study_config(model, steps, str(tmp_path), mask_ratio=1.0)

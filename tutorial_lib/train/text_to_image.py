@@ -190,6 +190,25 @@ class TextToImageConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def study_config(model: DiTConfig, steps: int, out_dir: str, *, mask_ratio: float = 0.0,
+                 init_from: str | None = None, batch_size: int = 128, device: str = "cpu", seed: int = 0,
+                 log_every: int | None = None) -> TextToImageConfig:
+    """Notebook 06's study recipe: one short run of a MiniLM-conditioned DiT, the same for every study.
+
+    v-prediction (Salimans & Ho, 2022) with min-SNR-5 weights (Hang et al., 2023), AdamW at lr 1e-3
+    after a linear warm-up of min(100, steps / 4) steps, then a cosine decay to 5%, so that every
+    budget, however short, ends its schedule; one checkpoint at the end, no TensorBoard. mask_ratio > 0
+    trains with MaskDiT-style patch masking (models/masking.py); init_from continues a pipeline folder
+    (the unmasked fine-tune). Used by notebook 06, scripts/masking_study.py and scripts/scaling_study.py.
+    """
+    return TextToImageConfig(
+        model=model, text_encoder="minilm", init_from=init_from,
+        objective=Objective(prediction="v", min_snr_gamma=5.0, mask_ratio=mask_ratio),
+        trainer=TrainerConfig(steps=steps, batch_size=batch_size, lr=1e-3, warmup_steps=min(100, steps // 4),
+                              schedule="cosine", checkpoint_every=steps, log_every=log_every or max(1, steps // 10),
+                              out_dir=out_dir, device=device, tensorboard=False, seed=seed))
+
+
 class CaptionConditioned(nn.Module):
     """What trains: a denoiser (the DiT, or notebook 01's tiny transformer) and, if it learns, the text
     encoder, conditioned on captions given in one of three forms:
