@@ -9,9 +9,10 @@
 # With a training seed other than 0 it repeats both sides of the comparison at that seed: the EDM2-
 # schedule run and its sweep, and the shipped edm_t2i's own command (cosine schedule) with --seed and
 # its recorded sweep (tutorial_lib/assets/edm_t2i/posthoc_ema_sweep_seed*.json's lengths), recorded in
-# tutorial_lib/assets/records/edm2_posthoc/training_seed<SEED>/: the spread across training seeds.
+# tutorial_lib/assets/records/edm2_posthoc/training_seed<SEED>/ (the cosine run's in its cosine/): the
+# spread across training seeds.
 # Usage: scripts/edm2_posthoc_study.sh [DEVICE] [TRAINING_SEED]
-#   (seed 0: about 21 + 10 minutes on a 2-core CPU; another seed: about 32 + 25, two trainings at once)
+#   (seed 0: about 21 + 10 minutes on a 2-core CPU; another seed: about 32 + 23, the two trainings at once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${1:-cpu}
@@ -61,8 +62,9 @@ else  # both trainings at once, one thread each
   OMP_NUM_THREADS=1 train "$OUT" "${EDM2_FLAGS[@]}" &
   OMP_NUM_THREADS=1 train "$COSINE" --posthoc-ema 0.05,0.10 --posthoc-snapshot-every 250 &
   wait
-  record_run "$COSINE" "$RECORDS/cosine_train.json"
-  sweep "$COSINE" "$COSINE_LENGTHS" "$RECORDS/cosine_posthoc_ema_sweep"
+  mkdir -p "$RECORDS/cosine"
+  record_run "$COSINE" "$RECORDS/cosine/train.json"
+  sweep "$COSINE" "$COSINE_LENGTHS" "$RECORDS/cosine/posthoc_ema_sweep"
 fi
 record_run "$OUT" "$RECORDS/train.json"
 sweep "$OUT" "$LENGTHS" "$RECORDS/posthoc_ema_sweep"
