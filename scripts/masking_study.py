@@ -1,7 +1,10 @@
 """Patch masking against dense training at a given token count: notebook 06's study, recorded.
 
 Three recipes of notebook 06's tiny DiT (width 128, 4 blocks; `study_config`'s recipe, batch 128), for
-one training seed, at N = 16 tokens (patch 2 on the 8x8x4 latents) or N = 64 (patch 1):
+one training seed, at N = 16 tokens (patch 2 on the 8x8x4 latents), N = 64 (patch 1), or N = 256 (patch 1
+on the 16x16x4 latents of the images upsampled to 64 px, `latent_cache(image_size=64)`; its samples are
+averaged down to the classifier's 32 px, so its FIDs compare its recipes with each other, not with the
+other token counts' FIDs):
 
   dense               `tiny`, DENSE_STEPS steps: the budget
   masked_equal_flops  `tiny-mixer` (a 1-block patch-mixer), 75% of the patches masked for 80% of the
@@ -17,7 +20,8 @@ budget comes from that file. Each model is scored as in notebook 06: 100 samples
 Usage: python scripts/masking_study.py --tokens 64 --seed 0 [--device cpu]
 Records: tutorial_lib/assets/records/masking_tokens/ (one JSON per run, with this command); models in
 outputs/masking_study/. About 22 minutes per seed at 64 tokens and 8 at 16 on one core of a 2-core CPU,
-plus 6 and 2 minutes for the first run's timing.
+plus 6 and 2 minutes for the first run's timing; 256 tokens costs about 4x the 64-token run's FLOPs per
+step (`dit_cost`), so plan for about 1.5 hours per seed on one core, or run it on a GPU (--device cuda).
 """
 import argparse
 import json
@@ -42,7 +46,7 @@ from tutorial_lib.weights import ASSETS_DIR, atomic_write
 RECORDS = ASSETS_DIR / "records" / "masking_tokens"
 OUT = Path("outputs/masking_study")
 BATCH, DENSE_STEPS, FINETUNE_SHARE, MASK_RATIO, TEXT_LEN = 128, 350, 0.2, 0.75, 16
-PATCH = {16: 2, 64: 1}  # tokens -> patch size on the 8x8 latents
+GEOMETRY = {16: (2, 8), 64: (1, 8), 256: (1, 16)}  # tokens -> (patch size, side of the square latents)
 TIMED_STEPS = (10, 30)  # two timed runs per recipe; their difference is 20 steps of pure training
 STAGES = (("dense", False, 0.0), ("masked", True, MASK_RATIO), ("mixer_unmasked", True, 0.0))  # name, mixer?, ratio
 
@@ -52,7 +56,8 @@ def write_json(path: Path, record: dict):
 
 
 def model_config(tokens: int, masked: bool):
-    return preset("tiny-mixer" if masked else "tiny", patch_size=PATCH[tokens], text_dim=384)
+    patch, side = GEOMETRY[tokens]
+    return preset("tiny-mixer" if masked else "tiny", patch_size=patch, input_size=(side, side), text_dim=384)
 
 
 def train(tokens, masked, mask_ratio, steps, seed, folder, data, device, init_from=None):
@@ -82,7 +87,7 @@ def measure_speed(tokens, data, device) -> dict:
         print(f"[speed] {tokens} tokens, {stage}: {per_step[stage]:.4f} s per step (runs: {times})", flush=True)
     flops = {stage: 3 * dit_cost(model_config(tokens, masked), text_len=TEXT_LEN, mask_ratio=ratio).flops
              for stage, masked, ratio in STAGES}
-    return {"tokens": tokens, "patch_size": PATCH[tokens], "batch_size": BATCH, "threads": torch.get_num_threads(),
+    return {"tokens": tokens, "patch_size": GEOMETRY[tokens][0], "batch_size": BATCH, "threads": torch.get_num_threads(),
             "seconds_per_step": per_step, "images_per_s": {k: BATCH / v for k, v in per_step.items()},
             "train_flops_per_image": flops, "timed_steps": TIMED_STEPS, "repeats": 3}
 
@@ -97,14 +102,16 @@ def masked_steps(speed: dict, currency: str) -> tuple[int, int]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, choices=sorted(PATCH), required=True)
+    p.add_argument("--tokens", type=int, choices=sorted(GEOMETRY), required=True)
     p.add_argument("--seed", type=int, required=True, help="the training seed")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     command = "python scripts/masking_study.py " + shlex.join(sys.argv[1:])
     RECORDS.mkdir(parents=True, exist_ok=True)
-    latents, labels = latent_cache().tensors("train")
-    data = (latents, labels, text_encoder("minilm"), load_vae())
+    vae = load_vae()
+    image_size = GEOMETRY[a.tokens][1] * vae.config.downsample_factor  # 32 px, or 64 for 256 tokens
+    latents, labels = latent_cache(vae, image_size=image_size).tensors("train")
+    data = (latents, labels, text_encoder("minilm"), vae)
 
     speed_file = RECORDS / f"speed-{a.tokens}.json"
     if not speed_file.exists():

@@ -210,3 +210,28 @@ def test_two_processes_building_the_same_cache_at_once(tiny_vae, tmp_path, few_i
     first, second = (np.load(out) for out in outs)
     assert first.shape == (40, 4, 16, 16) and np.array_equal(first, second)
     assert np.array_equal(np.array(LatentCache(root / key).latents("train")), first)
+
+
+def test_a_larger_image_size_is_cached_beside_the_default_one(tiny_vae, tmp_path, few_images):
+    data, _ = few_images
+    small = latent_cache(vae=tiny_vae, root=tmp_path, batch_size=16)
+    large = latent_cache(vae=tiny_vae, root=tmp_path, batch_size=16, image_size=64)
+    assert large.path.name == f"vae-{weights_hash(tiny_vae)}-64px" and small.path.exists()  # both kept
+    assert large.meta["image_size"] == 64 and large.meta["shape"] == [4, 32, 32]  # f = 2: 64 px -> 32 x 32
+    upsampled = torch.nn.functional.interpolate(to_model_images(data["test"][0]), size=(64, 64), mode="bilinear",
+                                                align_corners=False)
+    with torch.no_grad():
+        expected = (tiny_vae.encode(upsampled).mean - 0.1) * 1.5
+    torch.testing.assert_close(torch.from_numpy(np.array(large.latents("test"))), expected, rtol=1e-5, atol=1e-5)
+    assert latent_cache(vae=tiny_vae, root=tmp_path, image_size=64).path == large.path  # reused
+    with torch.no_grad():  # new weights: the caches of the old ones go, at every size
+        tiny_vae.encoder.conv_in.bias.add_(0.05)
+    latent_cache(vae=tiny_vae, root=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("vae-*")) == [f"vae-{weights_hash(tiny_vae)}"]
+
+
+@pytest.mark.parametrize("size", [16, 48])
+def test_image_size_must_be_a_multiple_of_32(tiny_vae, tmp_path, size):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        latent_cache(vae=tiny_vae, root=tmp_path, image_size=size)
+    assert not list(tmp_path.iterdir())  # refused before any work

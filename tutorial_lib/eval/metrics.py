@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..data.attributes import ATTRIBUTES, is_held_out, label_attributes
 from ..data.captions import ATTRIBUTE_PROMPT_SETS, attribute_prompt_set, prompt_set
 from ..data.fashion_mnist import CLASSES, load_fashion_mnist, to_model_images
+from ..data.latents import IMAGE_SIZE
 from ..models.classifier import FashionClassifier, load_classifier
 from ..paths import data_root
 from ..weights import atomic_write, weights_hash
@@ -31,12 +32,21 @@ from ..weights import atomic_write, weights_hash
 
 @torch.no_grad()
 def features(classifier: FashionClassifier, images: torch.Tensor, batch_size: int = 500):
-    """Penultimate features [N, D] (float64) and logits [N, classes] of images in [-1, 1]."""
+    """Penultimate features [N, D] (float64) and logits [N, classes] of images in [-1, 1].
+
+    The classifier reads 32 x 32 images; larger ones (decoded from the 64-px latents of
+    `latent_cache(image_size=64)`) are first averaged down to 32 ("area"). On 2,000 real test images
+    upsampled to 64 px and back this way, the classifier gets 1,861 right against 1,903 of the
+    originals (the bilinear upsampling blurs): FID at 64 px is comparable between models at that size,
+    not with FID at 32 px."""
     classifier.eval()
     device = next(classifier.parameters()).device
     feats, logits = [], []
     for chunk in images.split(batch_size):
-        f = classifier.features(chunk.to(device, torch.float32))
+        chunk = chunk.to(device, torch.float32)
+        if chunk.shape[-1] > IMAGE_SIZE:
+            chunk = torch.nn.functional.interpolate(chunk, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+        f = classifier.features(chunk)
         feats.append(f.double().cpu())
         logits.append(classifier.head(f).cpu())
     return torch.cat(feats), torch.cat(logits)
