@@ -18,6 +18,7 @@ budget comes from that file. Each model is scored as in notebook 06: 100 samples
 (n = 1,000), 25 DDIM steps, guidance 3, sampling seed 0.
 
 Usage: python scripts/masking_study.py --tokens 64 --seed 0 [--device cpu]
+       python scripts/masking_study.py --tokens 256 --speed-only    (the step times alone)
 Records: tutorial_lib/assets/records/masking_tokens/ (one JSON per run, with this command); models in
 outputs/masking_study/. About 22 minutes per seed at 64 tokens and 8 at 16 on one core of a 2-core CPU,
 plus 6 and 2 minutes for the first run's timing; 256 tokens costs about 4x the 64-token run's FLOPs per
@@ -103,9 +104,13 @@ def masked_steps(speed: dict, currency: str) -> tuple[int, int]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, choices=sorted(GEOMETRY), required=True)
-    p.add_argument("--seed", type=int, required=True, help="the training seed")
+    p.add_argument("--seed", type=int, help="the training seed (required unless --speed-only)")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only measure and record this token count's step times (speed-N.json), train nothing")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
+    if a.seed is None and not a.speed_only:
+        p.error("--seed is required (or --speed-only)")
     command = "python scripts/masking_study.py " + shlex.join(sys.argv[1:])
     RECORDS.mkdir(parents=True, exist_ok=True)
     vae = load_vae()
@@ -118,6 +123,10 @@ def main():
         speed = {"command": command + "  (its first run at this token count)", **measure_speed(a.tokens, data, a.device)}
         write_json(speed_file, speed)
     speed = json.loads(speed_file.read_text())
+    if a.speed_only:
+        print(f"{speed_file}: masked stage {speed['images_per_s']['masked'] / speed['images_per_s']['dense']:.2f}x "
+              f"dense's images/s")
+        return
 
     for recipe in ("dense", "masked_equal_flops", "masked_equal_time"):
         record_file = RECORDS / f"{a.tokens}-{recipe}-seed{a.seed}.json"
