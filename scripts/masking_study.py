@@ -21,8 +21,9 @@ Usage: python scripts/masking_study.py --tokens 64 --seed 0 [--device cpu]
        python scripts/masking_study.py --tokens 256 --speed-only    (the step times alone)
 Records: tutorial_lib/assets/records/masking_tokens/ (one JSON per run, with this command); models in
 outputs/masking_study/. About 22 minutes per seed at 64 tokens and 8 at 16 on one core of a 2-core CPU,
-plus 6 and 2 minutes for the first run's timing; 256 tokens costs about 4x the 64-token run's FLOPs per
-step (`dit_cost`), so plan for about 1.5 hours per seed on one core, or run it on a GPU (--device cuda).
+plus 6 and 2 minutes for the first run's timing; at 256 tokens a dense step takes 3.68 s on one thread
+(speed-256.json, 22 minutes to measure), so plan for 75 to 90 minutes per seed on one core, or a GPU
+(--device cuda, with the CPU's speed file moved aside: a speed file measured on another device is refused).
 """
 import argparse
 import json
@@ -88,7 +89,8 @@ def measure_speed(tokens, data, device) -> dict:
         print(f"[speed] {tokens} tokens, {stage}: {per_step[stage]:.4f} s per step (runs: {times})", flush=True)
     flops = {stage: 3 * dit_cost(model_config(tokens, masked), text_len=TEXT_LEN, mask_ratio=ratio).flops
              for stage, masked, ratio in STAGES}
-    return {"tokens": tokens, "patch_size": GEOMETRY[tokens][0], "batch_size": BATCH, "threads": torch.get_num_threads(),
+    return {"tokens": tokens, "patch_size": GEOMETRY[tokens][0], "batch_size": BATCH, "device": device,
+            "threads": torch.get_num_threads(),
             "seconds_per_step": per_step, "images_per_s": {k: BATCH / v for k, v in per_step.items()},
             "train_flops_per_image": flops, "timed_steps": TIMED_STEPS, "repeats": 3}
 
@@ -123,6 +125,9 @@ def main():
         speed = {"command": command + "  (its first run at this token count)", **measure_speed(a.tokens, data, a.device)}
         write_json(speed_file, speed)
     speed = json.loads(speed_file.read_text())
+    if speed.get("device", "cpu") != a.device:  # equal wall time needs this device's step times
+        sys.exit(f"{speed_file} holds step times measured on {speed.get('device', 'cpu')}, not {a.device}: the "
+                 "equal-wall-time budgets would be wrong. Use that device, or move the file aside to measure anew.")
     if a.speed_only:
         print(f"{speed_file}: masked stage {speed['images_per_s']['masked'] / speed['images_per_s']['dense']:.2f}x "
               f"dense's images/s")
