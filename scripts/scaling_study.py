@@ -2,7 +2,8 @@
 
 Five widths of the tiny DiT (32, 48, 64, 96, 128; depth 4, 4 heads, 16 tokens), dense (`tiny`) or
 MoE (`tiny-moe`'s experts), each trained for 100, 200, 400 and 800 steps of batch 128 with
-`study_config`'s recipe (each budget a run of its own, so that every run ends its schedule). Training compute C = 3 x the forward FLOPs of `dit_cost` x images.
+`study_config`'s recipe (each budget a run of its own, so that every run ends its schedule).
+Training compute C = 3 x the forward FLOPs of `dit_cost` x images.
 The measure is the held-out loss of notebook 06: the plain v-loss of the trained weights on the first
 1,024 test latents with their class prompts, in 16 parts with the same noise and t for every model
 (`held_out_losses`), kept per part for the notebook's bootstrap.

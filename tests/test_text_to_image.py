@@ -553,8 +553,10 @@ def test_study_config_is_notebook_06s_recipe(tmp_path, steps, warmup):
     assert (cfg.model, cfg.text_encoder, cfg.init_from) == (model, "minilm", None)
     assert cfg.objective == Objective(prediction="v", min_snr_gamma=5.0, mask_ratio=0.75)
     t = cfg.trainer
-    assert (t.steps, t.batch_size, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio) == (steps, 128, 1e-3, warmup, "cosine", 0.05)
-    assert (t.checkpoint_every, t.log_every, t.seed, t.out_dir, t.tensorboard) == (steps, max(1, steps // 10), 3, str(tmp_path), False)
+    assert (t.steps, t.batch_size, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio) == \
+        (steps, 128, 1e-3, warmup, "cosine", 0.05)
+    assert (t.checkpoint_every, t.log_every, t.seed, t.out_dir, t.tensorboard) == \
+        (steps, max(1, steps // 10), 3, str(tmp_path), False)
     assert TextToImageConfig.from_dict(cfg.to_dict()) == cfg
     # masking needs the DiT's patch-mixer: the config refuses a mask ratio the model cannot train with
     with pytest.raises(ValueError, match="mask_ratio"):

@@ -138,12 +138,25 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None):
     return images.copy(), labels.astype(np.int64)  # copies: callers may not corrupt the cache
 
 
-def to_model_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float32 [N, 1, 32, 32] in [-1, 1], zero-padded (background is -1)."""
+def check_image_size(size: int):
+    """The sizes the course's images come in: 32 (the padded image) or a multiple of it (upsampled)."""
+    if size < IMAGE_SIZE or size % IMAGE_SIZE:
+        raise ValueError(f"image size must be a multiple of {IMAGE_SIZE} (the padded Fashion-MNIST image), got {size}.")
+
+
+def to_model_images(images: np.ndarray | torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 32, 32] in [-1, 1], zero-padded (background is -1).
+
+    A larger `size` (a multiple of 32) upsamples the padded image bilinearly to [N, 1, size, size]:
+    more pixels, no more detail (`latents.latent_cache(image_size=64)`: more latent tokens per image)."""
+    check_image_size(size)
     x = torch.as_tensor(np.asarray(images)).float().div(127.5).sub(1.0)
     if x.ndim != 3 or x.shape[-2:] != (28, 28):
         raise ValueError(f"Expected images of shape [N, 28, 28], got {tuple(x.shape)}.")
-    return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0).unsqueeze(1)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0).unsqueeze(1)
+    if size == IMAGE_SIZE:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 Layout: `data/latents/vae-<hash>/{train,test}_latents.npy`, `{train,test}_labels.npy`, `meta.json`.
 The hash covers the VAE's config and every weight (`weights.weights_hash`), so new weights get a
-new cache and the stale one is removed. `image_size` other than 32 encodes the 32-px images upsampled
-(bilinear) to that size, for more latent tokens per image (64 px: 16x16 latents, 256 tokens at patch 1;
-notebook 06's masking study), cached beside the 32-px cache as `vae-<hash>-<size>px`. Latents are the VAE's posterior means, already scaled:
+new cache and the stale one is removed. An `image_size` above 32 encodes the images upsampled to that
+size (`to_model_images(images, size)`), for more latent tokens per image (64 px: 16x16 latents, 256
+tokens at patch 1; notebook 06's masking study), cached beside the 32-px cache as
+`vae-<hash>-<size>px`. Latents are the VAE's posterior means, already scaled:
 z_s = (z - shift_factor) * scaling_factor. The factors were measured from data when the VAE was
 trained; `meta.json` records them with the mean and std of the cached training latents (about 0, 1).
 
@@ -32,10 +33,9 @@ from tqdm.auto import tqdm
 
 from ..paths import data_root, shown
 from ..weights import weights_hash
-from .fashion_mnist import load_fashion_mnist, to_model_images
+from .fashion_mnist import IMAGE_SIZE, check_image_size, load_fashion_mnist, to_model_images
 
 SPLITS = ("train", "test")
-IMAGE_SIZE = 32  # the course's images: Fashion-MNIST's 28 x 28, zero-padded
 LEFTOVER_AGE_S = 24 * 3600  # a private folder untouched for this long belongs to a dead process
 
 
@@ -73,21 +73,9 @@ def _save_npy(path: Path, array: np.ndarray):
     _write(path, lambda f: np.save(f, array))
 
 
-def model_images_at(images: np.ndarray, image_size: int = IMAGE_SIZE) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float32 [N, 1, image_size, image_size] in [-1, 1]: `to_model_images`, then,
-    for a size above 32, a bilinear upsampling (more pixels, no more detail)."""
-    if image_size % IMAGE_SIZE or image_size < IMAGE_SIZE:
-        raise ValueError(f"image_size must be a multiple of {IMAGE_SIZE} (the padded Fashion-MNIST image), "
-                         f"got {image_size}.")
-    x = to_model_images(images)
-    if image_size == IMAGE_SIZE:
-        return x
-    return torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-
-
 @torch.no_grad()
 def _encode(vae, images: np.ndarray, out: Path, batch_size: int, image_size: int, desc: str):
-    x = model_images_at(images, image_size)
+    x = to_model_images(images, image_size)
     device = next(vae.parameters()).device
     z = torch.cat([vae.encode_to_latents(c.to(device)).cpu()
                    for c in tqdm(x.split(batch_size), desc=desc, leave=False)])
@@ -130,19 +118,18 @@ def _discard(folder: Path):
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _remove_stale(base: Path, key: str):
+def _remove_stale(base: Path, vae_hash: str):
     """Delete the finished caches of other VAEs, and private folders that a dead process left.
 
     A `vae-*` folder is finished (builds are published by a rename), so deleting one of another VAE
-    never cuts into a write; the caches of this VAE at other image sizes are kept. A private `.vae-*.tmp-*` folder may be another process's build in
-    progress: it is deleted only once nothing has been written in it for `LEFTOVER_AGE_S`. No build
-    takes that long, and unlike a check of its pid, an age is also right on a disk that several
-    machines share. (A folder renamed aside by `_discard` keeps its old age: two processes may both
+    never cuts into a write; this VAE's caches at other image sizes are kept. A private `.vae-*.tmp-*`
+    folder may be another process's build in progress: it is deleted only once nothing has been
+    written in it for `LEFTOVER_AGE_S`. No build takes that long, and unlike a check of its pid, an
+    age is also right on a disk that several machines share. (A folder renamed aside by `_discard` keeps its old age: two processes may both
     delete it, which is harmless.)
     """
-    vae_key = "-".join(key.split("-")[:2])  # vae-<hash>, without an image size
     for folder in base.glob("vae-*"):
-        if "-".join(folder.name.split("-")[:2]) != vae_key and folder.is_dir():  # weights changed: never used again
+        if folder.name.split("-")[1] != vae_hash and folder.is_dir():  # weights changed: never used again
             _discard(folder)
     for folder in base.glob(".vae-*.tmp-*"):
         try:
@@ -153,7 +140,7 @@ def _remove_stale(base: Path, key: str):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _build(vae, folder: Path, key: str, batch_size: int, image_size: int):
+def _build(vae, folder: Path, vae_hash: str, batch_size: int, image_size: int):
     """Encode both splits into `folder`, meta.json last."""
     stats = {}
     for split in SPLITS:
@@ -162,7 +149,7 @@ def _build(vae, folder: Path, key: str, batch_size: int, image_size: int):
                                  f"encoding {split}")
         _save_npy(folder / f"{split}_labels.npy", labels)
     meta = {
-        "vae_hash": weights_hash(vae), "image_size": image_size, "shape": list(stats["train"].shape[1:]),
+        "vae_hash": vae_hash, "image_size": image_size, "shape": list(stats["train"].shape[1:]),
         "counts": {s: len(stats[s]) for s in SPLITS},
         "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor,
         "train_mean": float(stats["train"].mean()), "train_std": float(stats["train"].std()),
@@ -196,8 +183,9 @@ def latent_cache(vae=None, root: str | Path | None = None, batch_size: int = 500
         vae = load_vae()
     vae.eval()
     base = Path(root) if root is not None else data_root() / "latents"
-    model_images_at(np.zeros((0, 28, 28), np.uint8), image_size)  # a bad size fails here, before any work
-    key = f"vae-{weights_hash(vae)}" + (f"-{image_size}px" if image_size != IMAGE_SIZE else "")
+    check_image_size(image_size)
+    vae_hash = weights_hash(vae)
+    key = f"vae-{vae_hash}" + (f"-{image_size}px" if image_size != IMAGE_SIZE else "")
     path = base / key
     if path.exists():
         problem = _problem(path)
@@ -206,11 +194,11 @@ def latent_cache(vae=None, root: str | Path | None = None, batch_size: int = 500
         print(f"Rebuilding the latent cache {path}: it is incomplete or damaged ({problem}).")
         _discard(path)
     base.mkdir(parents=True, exist_ok=True)
-    _remove_stale(base, key)
+    _remove_stale(base, vae_hash)
     tmp = _private(base, key)
     tmp.mkdir()
     try:
-        _build(vae, tmp, key, batch_size, image_size)
+        _build(vae, tmp, vae_hash, batch_size, image_size)
         _publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # still there unless it was published

@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.attributes import ATTRIBUTES, is_held_out, label_attributes
 from ..data.captions import ATTRIBUTE_PROMPT_SETS, attribute_prompt_set, prompt_set
-from ..data.fashion_mnist import CLASSES, load_fashion_mnist, to_model_images
-from ..data.latents import IMAGE_SIZE
+from ..data.fashion_mnist import CLASSES, IMAGE_SIZE, load_fashion_mnist, to_model_images
 from ..models.classifier import FashionClassifier, load_classifier
 from ..paths import data_root
 from ..weights import atomic_write, weights_hash
