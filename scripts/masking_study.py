@@ -12,10 +12,10 @@ other token counts' FIDs):
   masked_equal_time   the same, with 80% / 20% of the dense run's wall time
 
 Training FLOPs are 3x the forward FLOPs of `dit_cost` per image. Wall time per step is measured once
-per token count before any run, in this process (`speed-N.json`: the median of the last of two
-timed runs' extra steps, so that model building, caption encoding and saving cancel), and every seed's
-budget comes from that file. Each model is scored as in notebook 06: 100 samples of each class prompt
-(n = 1,000), 25 DDIM steps, guidance 3, sampling seed 0.
+per token count before any run, in this process (`speed-N.json`: per stage, the median over 3 repeats
+of two timed runs' difference per extra step, so that model building, caption encoding and saving
+cancel), and every seed's budget comes from that file. Each model is scored as in notebook 06: 100
+samples of each class prompt (n = 1,000), 25 DDIM steps, guidance 3, sampling seed 0.
 
 Usage: python scripts/masking_study.py --tokens 64 --seed 0 [--device cpu]
        python scripts/masking_study.py --tokens 256 --speed-only    (the step times alone)
