@@ -22,8 +22,9 @@ Usage: python scripts/masking_study.py --tokens 64 --seed 0 [--device cpu]
 Records: tutorial_lib/assets/records/masking_tokens/ (one JSON per run, with this command); models in
 outputs/masking_study/. About 22 minutes per seed at 64 tokens and 8 at 16 on one core of a 2-core CPU,
 plus 6 and 2 minutes for the first run's timing; at 256 tokens a dense step takes 3.68 s on one thread
-(speed-256.json, 22 minutes to measure), so plan for 75 to 90 minutes per seed on one core, or a GPU
-(--device cuda, with the CPU's speed file moved aside: a speed file measured on another device is refused).
+(speed-256.json, 22 minutes to measure), and its two seeds, run at once with one thread each, took 96 and
+100 minutes; or use a GPU (--device cuda, with the CPU's speed file moved aside: a speed file measured
+on another device is refused).
 """
 import argparse
 import json
